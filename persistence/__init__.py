@@ -1,0 +1,1 @@
+"""Baton's store: SQLModel tables and the transactional operations the runtime needs."""

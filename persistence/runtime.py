@@ -1,0 +1,374 @@
+"""Transactional operations of the runtime: commit a decision, record an attempt, fire a
+timer, and the sweeper's queries. Each function runs inside a caller's transaction on a
+locked run, and returns an :class:`Outbox` of messages to publish *after* the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, insert, or_, select, update
+
+from sdk import checkpoint as cp
+from sdk import serde
+from sdk.events import Decision, Event, NewEvent, RunStatus
+
+from .models import utcnow
+from .store import (
+    Store,
+    aware,
+    checkpoints_t,
+    events_t,
+    runs,
+    signals_t,
+    tasks_t,
+    timers_t,
+    workers_t,
+)
+
+log = logging.getLogger("baton.store")
+
+
+@dataclass(slots=True)
+class Outbox:
+    """What to send once the transaction has committed (commit first, then publish)."""
+
+    publish: list[str] = field(default_factory=list)  # task row ids
+    advance: list[str] = field(default_factory=list)  # run ids
+    revoke: list[str] = field(default_factory=list)  # celery task ids
+    terminate: list[str] = field(default_factory=list)  # celery task ids to kill (timed out)
+    cancel_runs: list[tuple[str, str]] = field(default_factory=list)  # (run id, reason)
+    last_seq: int = 0  # the run's last seq after the commit
+
+    def merge(self, other: Outbox) -> None:
+        self.publish += other.publish
+        self.advance += other.advance
+        self.revoke += other.revoke
+        self.terminate += other.terminate
+        self.cancel_runs += other.cancel_runs
+
+
+def task_id(run_id: str, step: int, slot: int, attempt: int) -> str:
+    return f"{run_id}:{step}:{slot}:{attempt}"
+
+
+def next_run_id(run: Any) -> str:
+    base = run.workflow_id
+    gen = 1
+    if run.run_id != base and "@" in run.run_id:
+        try:
+            gen = int(run.run_id.rsplit("@", 1)[1])
+        except ValueError:
+            gen = 1
+    return f"{base}@{gen + 1}"
+
+
+def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: datetime) -> Outbox:
+    """Persist one engine decision for a locked run; returns what to publish after commit."""
+    out = Outbox()
+    rid = run.run_id
+    if d.status is RunStatus.BLOCKED:
+        conn.execute(update(runs).where(runs.c.run_id == rid).values(
+            status=RunStatus.BLOCKED.value, error=serde.dumps(d.error, "error", None), needs_advance=False,
+            updated_at=now))
+        return out
+    terminal = d.status.terminal
+    new_events = list(d.events)
+    if terminal:
+        payload: dict[str, Any] = {}
+        kind = {RunStatus.COMPLETED: "completed", RunStatus.FAILED: "failed",
+                RunStatus.CANCELLED: "cancelled", RunStatus.CONTINUED: "continued_as_new"}[d.status]
+        if d.status is RunStatus.COMPLETED:
+            payload = {"result": d.result}
+        elif d.continue_as_new is not None:
+            payload = {"args": d.continue_as_new[0], "kwargs": d.continue_as_new[1],
+                       "next_run_id": next_run_id(run)}
+        else:
+            payload = {"error": d.error}
+        new_events.append(NewEvent(kind, d.step, None, payload, key="end"))
+    last = run.last_seq
+    if new_events:
+        first = store._bump(conn, rid, len(new_events))
+        conn.execute(insert(events_t), [
+            {"run_id": rid, "seq": first + i, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
+             "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": now}
+            for i, e in enumerate(new_events)
+        ])
+        last = first + len(new_events) - 1
+    for ev in new_events:
+        if ev.kind == "signal_received":
+            conn.execute(update(signals_t).where(signals_t.c.id == ev.payload["signal_id"])
+                         .values(consumed_step=ev.step))
+    for a in d.activities:
+        tid = task_id(rid, a.step, a.slot, a.attempt)
+        conn.execute(insert(tasks_t).values(
+            id=tid, run_id=rid, step=a.step, slot=a.slot, attempt=a.attempt, task=a.task,
+            args=serde.dumps(a.args, "args", None), kwargs=serde.dumps(a.kwargs, "kwargs", None),
+            options=serde.dumps(a.options, "options", None), timeout=a.timeout, state="scheduled",
+            not_before=a.not_before, created_at=now))
+        if a.not_before is None or a.not_before <= now:
+            out.publish.append(tid)
+    if d.timers:
+        conn.execute(insert(timers_t), [
+            {"run_id": rid, "step": t.step, "slot": t.slot, "attempt": 0, "kind": t.kind, "fire_at": t.fire_at,
+             "fired": False} for t in d.timers])
+    for c in d.children:
+        if store.get_run(c.run_id, conn) is None:
+            store.create_run(conn, run_id=c.run_id, workflow_id=c.run_id, workflow=c.workflow,
+                             args_json=serde.dumps(c.args, "child args", None),
+                             kwargs_json=serde.dumps(c.kwargs, "child kwargs", None),
+                             parent=(rid, c.step, c.slot))
+        out.advance.append(c.run_id)
+    for x in d.cancels:
+        _cancel_leaf(conn, rid, x.step, x.slot, x.kind, x.child_run_id, out)
+    base = serde.loads(run.locals) if run.locals else None
+    for ck in d.checkpoints:
+        change = cp.delta(base, ck.locals)
+        conn.execute(insert(checkpoints_t).values(
+            run_id=rid, step=ck.step, file=ck.position["file"][-1024:], line=ck.position["line"],
+            function=ck.position["function"][:255], locals_delta=serde.dumps(change, "locals", None),
+            waiting=serde.dumps(ck.waiting_on, "waiting", None), at=now))
+        base = ck.locals
+    values: dict[str, Any] = {"decided_seq": last, "needs_advance": False, "updated_at": now, "step": d.step,
+                              "status": d.status.value,
+                              "waiting": serde.dumps(d.waiting_on, "waiting", None)}
+    if d.checkpoints:
+        last_ck = d.checkpoints[-1]
+        values["position"] = serde.dumps(last_ck.position, "position", None)
+        values["locals"] = serde.dumps(last_ck.locals, "locals", None)
+    if terminal:
+        values["finished_at"] = now
+        values["waiting"] = "[]"
+        if d.status is RunStatus.COMPLETED:
+            values["result"] = serde.dumps(d.result, "result", None)
+        elif d.error is not None:
+            values["error"] = serde.dumps(d.error, "error", None)
+        _close_outstanding(conn, run, out, cancel_children=d.status is not RunStatus.COMPLETED)
+        if d.status is RunStatus.CONTINUED and d.continue_as_new is not None:
+            nxt = next_run_id(run)
+            values["next_run_id"] = nxt
+            parent = (run.parent_run_id, run.parent_step, run.parent_slot) if run.parent_run_id else None
+            store.create_run(conn, run_id=nxt, workflow_id=run.workflow_id, workflow=run.workflow,
+                             args_json=serde.dumps(d.continue_as_new[0], "args", None),
+                             kwargs_json=serde.dumps(d.continue_as_new[1], "kwargs", None),
+                             parent=parent, previous_run_id=rid)
+            out.advance.append(nxt)
+        elif run.parent_run_id:
+            _notify_parent(store, conn, run, d, out)
+    conn.execute(update(runs).where(runs.c.run_id == rid).values(**values))
+    out.last_seq = last
+    return out
+
+
+def _cancel_leaf(conn: Connection, rid: str, step: int, slot: int, kind: str, child: str | None,
+                 out: Outbox) -> None:
+    if kind == "activity":
+        ids = [r.id for r in conn.execute(select(tasks_t.c.id).where(
+            tasks_t.c.run_id == rid, tasks_t.c.step == step, tasks_t.c.slot == slot,
+            tasks_t.c.state.in_(("scheduled", "published", "started"))))]
+        if ids:
+            conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="cancelled"))
+            out.revoke += ids
+        conn.execute(update(timers_t).where(timers_t.c.run_id == rid, timers_t.c.step == step,
+                                            timers_t.c.slot == slot).values(fired=True))
+    elif kind in ("timer", "signal"):
+        conn.execute(update(timers_t).where(timers_t.c.run_id == rid, timers_t.c.step == step,
+                                            timers_t.c.slot == slot).values(fired=True))
+    elif kind == "child" and child:
+        out.cancel_runs.append((child, "parent's race was won by another branch"))
+
+
+def _close_outstanding(conn: Connection, run: Any, out: Outbox, cancel_children: bool) -> None:
+    rid = run.run_id
+    ids = [r.id for r in conn.execute(select(tasks_t.c.id).where(
+        tasks_t.c.run_id == rid, tasks_t.c.state.in_(("scheduled", "published", "started"))))]
+    if ids:
+        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="cancelled"))
+        out.revoke += ids
+    conn.execute(update(timers_t).where(timers_t.c.run_id == rid, timers_t.c.fired.is_(False)).values(fired=True))
+    if cancel_children:
+        for row in conn.execute(select(runs.c.run_id).where(runs.c.parent_run_id == rid,
+                                                            runs.c.status == RunStatus.RUNNING.value)):
+            out.cancel_runs.append((row.run_id, f"parent run {rid} ended"))
+
+
+def _notify_parent(store: Store, conn: Connection, run: Any, d: Decision, out: Outbox) -> None:
+    parent = store.lock_run(conn, run.parent_run_id)
+    if parent is None:
+        return
+    chain_root = run.workflow_id
+    if d.status is RunStatus.COMPLETED:
+        kind, payload = "child_completed", {"result": d.result, "child": chain_root}
+    else:
+        kind, payload = "child_failed", {"error": d.error or {}, "child": chain_root}
+    if store.append_input(conn, parent, kind, step=run.parent_step, slot=run.parent_slot, payload=payload,
+                          key=f"child:{run.parent_step}:{run.parent_slot}", name=run.workflow):
+        out.advance.append(parent.run_id)
+
+
+def record_attempt(store: Store, conn: Connection, tid: str, ok: bool, value: Any) -> Any:
+    """Record an attempt's outcome (once); returns the locked run, or None for a duplicate."""
+    task = conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first()
+    if task is None:
+        log.warning("baton: result for unknown task %s ignored", tid)
+        return None
+    run = store.lock_run(conn, task.run_id)
+    task = conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first()
+    if run is None or task is None or task.state in ("done", "failed", "cancelled"):
+        log.info("baton: late or duplicate result for %s ignored (task state %s)", tid,
+                 task.state if task else "?")
+        return None
+    payload: dict[str, Any] = {"attempt": task.attempt}
+    if ok:
+        payload["result"] = value
+    else:
+        payload["error"] = value
+    kind = "activity_completed" if ok else "activity_failed"
+    appended = store.append_input(conn, run, kind, step=task.step, slot=task.slot, payload=payload,
+                                  key=f"att:{task.step}:{task.slot}:{task.attempt}", name=task.task)
+    conn.execute(update(tasks_t).where(tasks_t.c.id == tid).values(
+        state="done" if ok else "failed", finished_at=utcnow()))
+    if not appended:
+        log.info("baton: result for %s ignored: this attempt already has an outcome", tid)
+        return None
+    return store.lock_run(conn, task.run_id)
+
+
+def fire_timer(store: Store, conn: Connection, timer_id: int, out: Outbox) -> bool:
+    """Fire one due timer (once): append its input to the run. True if it fired."""
+    t = conn.execute(select(timers_t).where(timers_t.c.id == timer_id)).first()
+    if t is None or t.fired:
+        return False
+    run = store.lock_run(conn, t.run_id)
+    n = conn.execute(update(timers_t).where(timers_t.c.id == timer_id, timers_t.c.fired.is_(False))
+                     .values(fired=True)).rowcount
+    if n == 0 or run is None:
+        return False
+    if t.kind == "attempt_timeout":
+        tid = task_id(t.run_id, t.step, t.slot, t.attempt)
+        task = conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first()
+        if task is None or task.state in ("done", "failed", "cancelled"):
+            return False
+        error = {"type": "TimeoutError", "task": task.task, "traceback": "",
+                 "message": f"attempt {t.attempt} of {task.task} exceeded its {task.timeout:g}s timeout"}
+        ok = store.append_input(conn, run, "activity_failed", step=t.step, slot=t.slot,
+                                payload={"attempt": t.attempt, "error": error, "timed_out": True},
+                                key=f"att:{t.step}:{t.slot}:{t.attempt}", name=task.task)
+        conn.execute(update(tasks_t).where(tasks_t.c.id == tid).values(state="failed", finished_at=utcnow()))
+        out.terminate.append(tid)
+    else:
+        ok = store.append_input(conn, run, "timer_fired", step=t.step, slot=t.slot, payload={"kind": t.kind},
+                                key=f"timer:{t.step}:{t.slot}")
+    if ok:
+        out.advance.append(t.run_id)
+    return ok
+
+
+def add_attempt_timeout(conn: Connection, tid: str, now: datetime) -> None:
+    """Arm the per-attempt timeout of a task that just started."""
+    task = conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first()
+    if task is None or task.timeout is None:
+        return
+    exists = conn.execute(select(timers_t.c.id).where(
+        timers_t.c.run_id == task.run_id, timers_t.c.step == task.step, timers_t.c.slot == task.slot,
+        timers_t.c.attempt == task.attempt, timers_t.c.kind == "attempt_timeout")).first()
+    if exists is None:
+        conn.execute(insert(timers_t).values(run_id=task.run_id, step=task.step, slot=task.slot,
+                                             attempt=task.attempt, kind="attempt_timeout",
+                                             fire_at=now + timedelta(seconds=task.timeout), fired=False))
+
+
+# ---------------------------------------------------------------- sweeper queries
+
+
+def due_timers(conn: Connection, now: datetime, limit: int = 200) -> list[int]:
+    q = select(timers_t.c.id).where(timers_t.c.fired.is_(False), timers_t.c.fire_at <= now) \
+        .order_by(timers_t.c.fire_at).limit(limit)
+    return [int(r.id) for r in conn.execute(q)]
+
+
+def next_timer_due(conn: Connection) -> datetime | None:
+    q = select(timers_t.c.fire_at).where(timers_t.c.fired.is_(False)).order_by(timers_t.c.fire_at).limit(1)
+    return aware(conn.execute(q).scalar())
+
+
+def reclaim_dead_workers(conn: Connection, now: datetime, dead_after: float) -> tuple[list[str], list[str]]:
+    """Forget workers whose heartbeat is stale; return (their workers, their tasks to re-dispatch)."""
+    cutoff = now - timedelta(seconds=dead_after)
+    dead = [r.id for r in conn.execute(select(workers_t.c.id).where(workers_t.c.last_beat < cutoff))]
+    if not dead:
+        return [], []
+    ids = [r.id for r in conn.execute(select(tasks_t.c.id).where(
+        tasks_t.c.worker.in_(dead), tasks_t.c.state == "started"))]
+    if ids:
+        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="scheduled", worker=None,
+                                                                          published_at=None))
+    conn.execute(workers_t.delete().where(workers_t.c.id.in_(dead)))
+    return dead, ids
+
+
+def tasks_to_publish(conn: Connection, now: datetime, grace: float, lost_after: float,
+                     limit: int = 500) -> list[str]:
+    """Outbox rows never published (a crash after commit), due retries, and messages presumed lost."""
+    q = select(tasks_t.c.id).where(or_(
+        and_(tasks_t.c.state == "scheduled", tasks_t.c.not_before.is_not(None), tasks_t.c.not_before <= now),
+        and_(tasks_t.c.state == "scheduled", tasks_t.c.not_before.is_(None),
+             tasks_t.c.created_at <= now - timedelta(seconds=grace)),
+        and_(tasks_t.c.state == "published", tasks_t.c.published_at <= now - timedelta(seconds=lost_after)),
+    )).limit(limit)
+    return [r.id for r in conn.execute(q)]
+
+
+def stale_runs(conn: Connection, now: datetime, grace: float, limit: int = 200) -> list[str]:
+    """Running runs with inputs no committed advance has seen (a lost advance message)."""
+    cutoff = now - timedelta(seconds=grace)
+    q = select(runs.c.run_id).where(runs.c.status == RunStatus.RUNNING.value, runs.c.needs_advance.is_(True),
+                                    runs.c.advance_requested_at <= cutoff).limit(limit)
+    ids = [r.run_id for r in conn.execute(q)]
+    if ids:
+        conn.execute(update(runs).where(runs.c.run_id.in_(ids)).values(advance_requested_at=now))
+    return ids
+
+
+def orphaned_children(conn: Connection, limit: int = 100) -> list[str]:
+    """Running children whose parent has ended without them (a cancel lost in a crash)."""
+    parent = runs.alias("parent")
+    q = select(runs.c.run_id).join(parent, parent.c.run_id == runs.c.parent_run_id).where(
+        runs.c.status == RunStatus.RUNNING.value,
+        parent.c.status.in_((RunStatus.CANCELLED.value, RunStatus.FAILED.value))).limit(limit)
+    return [r.run_id for r in conn.execute(q)]
+
+
+def mark_published(conn: Connection, ids: list[str], now: datetime) -> None:
+    if ids:
+        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids), tasks_t.c.state == "scheduled")
+                     .values(state="published", published_at=now, dispatches=tasks_t.c.dispatches + 1))
+
+
+def mark_started(conn: Connection, tid: str, worker: str, now: datetime) -> Any:
+    """Claim an attempt for a worker; None if it is finished, cancelled or unknown."""
+    n = conn.execute(update(tasks_t).where(tasks_t.c.id == tid,
+                                           tasks_t.c.state.in_(("scheduled", "published", "started")))
+                     .values(state="started", worker=worker, started_at=now)).rowcount
+    if n == 0:
+        return None
+    return conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first()
+
+
+def inbox(conn: Connection, run_id: str) -> list[tuple[int, str, Any]]:
+    q = select(signals_t.c.id, signals_t.c.name, signals_t.c.payload).where(
+        signals_t.c.run_id == run_id, signals_t.c.consumed_step.is_(None)).order_by(signals_t.c.id)
+    return [(int(r.id), r.name, serde.loads(r.payload)) for r in conn.execute(q)]
+
+
+def history_prefix(events: list[Event], at_step: int) -> list[Event]:
+    """The events a fork at ``at_step`` keeps: its start and everything of steps 1..k."""
+    keep: list[Event] = []
+    for e in events:
+        if e.kind == "started" or (e.step is not None and e.step <= at_step and e.kind not in
+                                   ("completed", "failed", "cancelled", "continued_as_new")):
+            keep.append(e)
+    return [Event(i + 1, e.kind, e.step, e.slot, e.payload, e.at, e.key, e.name) for i, e in enumerate(keep)]

@@ -1,0 +1,76 @@
+"""JSON in and out of the store: strict, size-capped, and naming whatever fails.
+
+Everything Baton records (arguments, results, signal payloads, locals) is plain JSON.
+Nothing is ever pickled. A value JSON cannot carry is refused where it is passed, with
+the path to the offending part (``argument 'cfg' at ['db']['conn']``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from .errors import SerializationError
+
+DEFAULT_MAX_PAYLOAD = 1024 * 1024  # bytes; configurable through Baton(max_payload_bytes=...)
+
+
+def _find_bad(value: Any, path: str) -> tuple[str, str] | None:
+    """Return (path, type name) of the first part JSON cannot carry faithfully."""
+    if value is None or isinstance(value, bool | str):
+        return None
+    if isinstance(value, int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, f"float {value!r}")
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            bad = _find_bad(item, f"{path}[{i}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return (f"{path} key {key!r}", f"{type(key).__name__} key")
+            bad = _find_bad(item, f"{path}[{key!r}]")
+            if bad:
+                return bad
+        return None
+    return (path, type(value).__name__)
+
+
+def dumps(value: Any, what: str, max_bytes: int | None = DEFAULT_MAX_PAYLOAD) -> str:
+    """Encode ``value`` as JSON text or raise ``SerializationError`` naming ``what``."""
+    bad = _find_bad(value, "")
+    if bad is not None:
+        where, kind = bad
+        at = f" at {where}" if where else ""
+        raise SerializationError(
+            f"{what}{at} is a {kind}, which JSON cannot carry; pass plain data "
+            "(dict, list, str, int, float, bool, None), e.g. convert it with str() or .isoformat()"
+        )
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if max_bytes is not None and len(text) > max_bytes and len(text.encode()) > max_bytes:
+        raise SerializationError(
+            f"{what} is {len(text.encode()):,} bytes of JSON, over the {max_bytes:,}-byte payload limit; "
+            "store large data elsewhere (a file, an object store) and pass a reference, "
+            "or raise the limit with Baton(app, max_payload_bytes=...)"
+        )
+    return text
+
+
+def loads(text: str | None) -> Any:
+    """Decode JSON text written by :func:`dumps` (``None`` stays ``None``)."""
+    return None if text is None else json.loads(text)
+
+
+def digest(value: Any) -> str:
+    """A short, stable fingerprint of JSON-able data, used to compare replayed commands."""
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

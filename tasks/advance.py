@@ -1,0 +1,89 @@
+"""Advance a run: lock it, replay (or continue the cached generator), commit, then publish.
+
+One transaction holds the run's row lock from loading the history to writing the
+decision, so two workers can never both decide the same step; the unique ``(run_id,
+seq)`` index backs this up. Publishing happens only after the commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from persistence import runtime as rt
+from persistence.models import utcnow
+from sdk.errors import WorkflowNotFound
+from sdk.events import RunStatus
+from sdk.replay import InboxSignal, Instance
+
+from . import dispatch
+
+if TYPE_CHECKING:
+    from .wiring import Runtime
+
+log = logging.getLogger("baton.advance")
+
+DB_RETRY_SECONDS = 90.0  # how long a worker keeps retrying through a database outage
+
+
+def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] | None = None) -> None:
+    """Advance ``run_id``; ``before(conn)`` runs first in the same transaction and returns the
+    locked run row (or None to stop), e.g. to record an activity's result."""
+    store = runtime.store
+    deadline = time.monotonic() + DB_RETRY_SECONDS
+    delay = 0.05
+    while True:
+        inst: Instance | None = None
+        try:
+            with store.tx() as conn:
+                run = before(conn) if before is not None else store.lock_run(conn, run_id)
+                if run is None:
+                    return
+                out, inst, status = _decide(runtime, conn, run)
+            if inst is not None and status is RunStatus.RUNNING:
+                inst.seq = out.last_seq
+                runtime.cache.put(run_id, inst)
+            dispatch.send(runtime, out)
+            return
+        except (OperationalError, DBAPIError) as exc:
+            runtime.cache.take(run_id)
+            if time.monotonic() > deadline:
+                raise
+            log.warning("baton: database error advancing %s, retrying in %.2fs: %s", run_id, delay,
+                        str(exc).splitlines()[0])
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        except Exception:
+            runtime.cache.take(run_id)
+            raise
+
+
+def _decide(runtime: Runtime, conn: Connection, run: Any) -> tuple[rt.Outbox, Instance | None, RunStatus]:
+    status = RunStatus(run.status)
+    if status.terminal or status is RunStatus.BLOCKED:
+        return rt.Outbox(), None, status
+    if not run.needs_advance and run.decided_seq >= run.last_seq:
+        return rt.Outbox(), None, status
+    try:
+        defn = runtime.definition(run.workflow)
+    except WorkflowNotFound as exc:
+        # Another worker may have the code; leave the run flagged so the sweeper re-drives it.
+        log.error("baton: cannot advance run %s: %s", run.run_id, exc)
+        return rt.Outbox(), None, status
+    store = runtime.store
+    inst = runtime.cache.take(run.run_id)
+    if inst is None or inst.poisoned or inst.finished or inst.seq > run.last_seq or inst.definition is not defn:
+        inst = Instance(defn, run.run_id, runtime.baton.max_payload_bytes)
+    events = store.events(run.run_id, after=inst.seq, conn=conn)
+    inbox = [InboxSignal(i, n, p) for i, n, p in rt.inbox(conn, run.run_id)]
+    now = utcnow()
+    decision = inst.activate(events, now=now, decided_seq=run.decided_seq, inbox=inbox)
+    if decision.status is RunStatus.BLOCKED:
+        log.error("baton: run %s blocked: %s", run.run_id, (decision.error or {}).get("message"))
+    out = rt.commit_decision(store, conn, run, decision, now)
+    return out, inst, decision.status

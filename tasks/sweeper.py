@@ -1,0 +1,120 @@
+"""Recovery without beat: a thread in every worker's main process.
+
+Each tick writes this worker's heartbeat; the worker holding the ``sweeper`` lease then
+fires due timers, re-dispatches attempts held by dead workers (stale heartbeat), publishes
+outbox rows a crash left unpublished, re-sends messages presumed lost, and re-drives runs
+whose advance was lost. Every action is idempotent, so a lease handed over mid-tick costs
+at most a duplicate message.
+
+A thread, not the worker's event-loop timer, so that a solo-pool worker busy in a long
+task still proves it is alive; being alive but stuck is what step timeouts are for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from celery import signals
+
+from persistence import runtime as rt
+from persistence.models import utcnow
+
+from . import dispatch
+from .activities import worker_id
+
+if TYPE_CHECKING:
+    from .wiring import Runtime
+
+log = logging.getLogger("baton.sweeper")
+
+PUBLISH_GRACE = 5.0  # seconds an outbox row may stay unpublished before the sweeper sends it
+STALE_RUN_GRACE = 10.0  # seconds a run may wait for its advance before it is re-driven
+
+
+class Sweeper:
+    def __init__(self, runtime: Runtime, hostname: str) -> None:
+        self.runtime = runtime
+        self.hostname = hostname
+        self.id = worker_id(hostname)
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.loop, name="baton-sweeper", daemon=True)
+        self.recoveries = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=5)
+        try:
+            self.runtime.store.forget_worker(self.id)
+        except Exception as exc:
+            log.warning("baton: could not remove heartbeat of %s: %s", self.id, exc)
+
+    def loop(self) -> None:
+        interval = self.runtime.baton.sweep_interval
+        while not self.stop_event.wait(interval):
+            try:
+                self.tick()
+            except Exception as exc:  # a database outage must not kill the thread
+                log.warning("baton: sweep failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
+
+    def tick(self) -> None:
+        store = self.runtime.store
+        store.heartbeat(self.id, self.hostname, os.getpid())
+        now = utcnow()
+        lease = timedelta(seconds=max(3 * self.runtime.baton.sweep_interval, 3.0))
+        if store.take_lease("sweeper", self.id, now + lease, now):
+            self.sweep(now)
+
+    def sweep(self, now: Any) -> rt.Outbox:
+        baton = self.runtime.baton
+        store = self.runtime.store
+        out = rt.Outbox()
+        with store.read() as conn:
+            due = rt.due_timers(conn, now)
+        for timer_id in due:
+            with store.tx() as conn:
+                rt.fire_timer(store, conn, timer_id, out)
+        with store.tx() as conn:
+            dead, redo = rt.reclaim_dead_workers(conn, now, baton.dead_after)
+        if dead:
+            log.warning("baton: worker(s) %s stopped heartbeating; re-dispatching %d attempt(s)",
+                        ", ".join(dead), len(redo))
+        out.publish += redo
+        with store.read() as conn:
+            out.publish += rt.tasks_to_publish(conn, now, PUBLISH_GRACE, baton.lost_after)
+        with store.tx() as conn:
+            stale = rt.stale_runs(conn, now, STALE_RUN_GRACE)
+        out.advance += stale
+        with store.read() as conn:
+            out.cancel_runs += [(r, "its parent run ended") for r in rt.orphaned_children(conn)]
+        self.recoveries += len(redo) + len(stale)
+        out.publish = list(dict.fromkeys(out.publish))
+        dispatch.send(self.runtime, out)
+        return out
+
+
+def install(runtime: Runtime) -> None:
+    holder: dict[str, Sweeper] = {}
+
+    def ready(sender: Any = None, **_: Any) -> None:
+        app = getattr(sender, "app", None)
+        if app is not None and app is not runtime.app:
+            return
+        hostname = str(getattr(sender, "hostname", None) or "worker")
+        sweeper = Sweeper(runtime, hostname)
+        holder["s"] = sweeper
+        sweeper.start()
+
+    def shutdown(**_: Any) -> None:
+        sweeper = holder.pop("s", None)
+        if sweeper is not None:
+            sweeper.stop()
+
+    signals.worker_ready.connect(ready, weak=False)
+    signals.worker_shutdown.connect(shutdown, weak=False)

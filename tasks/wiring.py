@@ -1,0 +1,230 @@
+"""The runtime behind ``Baton(app)``: app configuration, internal tasks, signal hooks.
+
+Baton sets the reliability settings a durable engine needs (late acks, requeue on a lost
+pool child, prefetch 1, JSON only), each only where the user has not set it, and refuses
+an app that accepts pickle unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from celery import signals
+
+from persistence import runtime as rt
+from persistence.store import Store
+from sdk import serde
+from sdk.errors import BatonError, WorkflowNotFound
+from sdk.events import RunStatus
+from sdk.replay import Instance
+
+from . import activities, advance, dispatch, sweeper
+
+if TYPE_CHECKING:
+    from sdk.client import Baton
+
+log = logging.getLogger("baton")
+
+RELIABLE_DEFAULTS: dict[str, Any] = {
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    "worker_prefetch_multiplier": 1,
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "event_serializer": "json",
+    "task_send_sent_event": True,
+    "broker_connection_retry_on_startup": True,
+}
+
+
+def configure_app(app: Any, allow_pickle: bool) -> None:
+    """Apply Baton's defaults where the user has not chosen; refuse pickle unless allowed."""
+    changes = app.conf.changes
+    for key, value in RELIABLE_DEFAULTS.items():
+        if key not in changes:
+            app.conf[key] = value
+    accepted = {str(c).lower() for c in (app.conf.accept_content or ())}
+    accepted |= {str(app.conf.task_serializer).lower(), str(app.conf.result_serializer).lower()}
+    if any("pickle" in c for c in accepted) and not allow_pickle:
+        raise BatonError(
+            f"Celery app {app.main!r} accepts pickle ({sorted(accepted)}), which lets anyone who can publish "
+            "to the broker run code on your workers; set accept_content=['json'] and json serializers, "
+            "or pass Baton(app, allow_pickle=True) if you accept that risk"
+        )
+
+
+class Cache:
+    """Per-process LRU of live generator instances, keyed by run id."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[str, Instance] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def take(self, run_id: str) -> Instance | None:
+        inst = self.items.pop(run_id, None)
+        if inst is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return inst
+
+    def put(self, run_id: str, inst: Instance) -> None:
+        if self.size <= 0:
+            return
+        self.items[run_id] = inst
+        self.items.move_to_end(run_id)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+    def clear(self) -> None:
+        self.items.clear()
+
+
+class Runtime:
+    """Everything a process needs to advance runs for one Baton."""
+
+    def __init__(self, baton: Baton, *, allow_pickle: bool) -> None:
+        self.baton = baton
+        self.app = baton.app
+        configure_app(self.app, allow_pickle)
+        self.cache = Cache(baton.cache_size)
+        runtime = self
+
+        def advance_run(run_id: str) -> None:
+            """Baton's internal task: advance one run (idempotent; safe to redeliver)."""
+            advance.advance(runtime, run_id)
+
+        self.advance_task = self.app.task(name="baton.advance", ignore_result=True, acks_late=True)(advance_run)
+        activities.connect(self)
+        sweeper.install(self)
+        signals.worker_process_init.connect(self._after_fork, weak=False)
+
+    # ------------------------------------------------------------ process state
+    @property
+    def store(self) -> Store:
+        return Store.for_url(self.baton.database_url)
+
+    def _after_fork(self, **_: Any) -> None:
+        # Engines and live generators must not cross a fork: drop the inherited ones without
+        # closing their sockets (the parent still uses them).
+        for store in list(Store._cache.values()):
+            store.engine.dispose(close=False)
+            if store.reader is not store.engine:
+                store.reader.dispose(close=False)
+        Store.forget_all()
+        self.cache.clear()
+
+    def definition(self, name: str) -> Any:
+        return self.baton.definition(name)
+
+    # ------------------------------------------------------------ client operations
+    def create_run(self, wid: str, workflow: str, args_json: str, kwargs_json: str) -> bool:
+        """Insert a run (False if the id exists), then ask a worker to advance it."""
+        store = self.store
+        if store.latest_run(wid) is not None:
+            return False
+        try:
+            with store.tx() as conn:
+                if store.get_run(wid, conn) is not None:
+                    return False
+                store.create_run(conn, run_id=wid, workflow_id=wid, workflow=workflow, args_json=args_json,
+                                 kwargs_json=kwargs_json)
+        except Exception as exc:  # a concurrent start with the same id won the insert
+            if store.get_run(wid) is not None:
+                log.debug("start of %s raced another start: %s", wid, exc)
+                return False
+            raise
+        dispatch.advance_runs(self, [wid])
+        return True
+
+    def _live_row(self, wid: str) -> Any:
+        row = self.store.latest_run(wid)
+        if row is None:
+            raise WorkflowNotFound(f"no run with id {wid!r}; list runs with `baton ls` or baton.list()")
+        return row
+
+    def signal(self, wid: str, name: str, payload_json: str) -> None:
+        row = self._live_row(wid)
+        store = self.store
+        with store.tx() as conn:
+            run = store.lock_run(conn, row.run_id)
+            if RunStatus(run.status).terminal:
+                raise BatonError(f"run {wid!r} has ended ({run.status}); signals go to running runs only")
+            store.add_signal(conn, run, name, payload_json)
+        dispatch.advance_runs(self, [run.run_id])
+
+    def cancel(self, wid: str, reason: str) -> bool:
+        row = self._live_row(wid)
+        out = rt.Outbox()
+        ok = cancel_run(self.store, row.run_id, reason, out)
+        dispatch.send(self, out)
+        return ok
+
+    def resume(self, wid: str) -> None:
+        row = self._live_row(wid)
+        if RunStatus(row.status).terminal:
+            raise BatonError(f"run {wid!r} has ended ({row.status}); only blocked or running runs resume. "
+                             f"To run it again from a step, use baton.fork({wid!r}, at_step=...)")
+        with self.store.tx() as conn:
+            self.store.set_status(conn, row.run_id, RunStatus.RUNNING, None)
+        self.cache.take(row.run_id)
+        dispatch.advance_runs(self, [row.run_id])
+
+    def fork(self, wid: str, at_step: int, new_id: str) -> None:
+        row = self._live_row(wid)
+        store = self.store
+        events = store.events(row.run_id)
+        resolved = _resolved_steps(events)
+        if at_step > 0 and at_step not in resolved:
+            raise BatonError(
+                f"cannot fork run {wid!r} at step {at_step}: that step has not finished in the original "
+                f"(finished steps: {_ranges(resolved) or 'none'}); fork at a finished step"
+            )
+        history = rt.history_prefix(events, at_step)
+        with store.tx() as conn:
+            if store.get_run(new_id, conn) is not None:
+                raise BatonError(f"a run with id {new_id!r} already exists; choose another fork id")
+            store.create_run(conn, run_id=new_id, workflow_id=new_id, workflow=row.workflow, args_json=row.args,
+                             kwargs_json=row.kwargs, forked=(row.run_id, at_step), history=history)
+        dispatch.advance_runs(self, [new_id])
+
+
+def cancel_run(store: Store, run_id: str, reason: str, out: rt.Outbox) -> bool:
+    """Request cancellation of one run (a blocked run is cancelled outright)."""
+    with store.tx() as conn:
+        run = store.lock_run(conn, run_id)
+        if run is None or RunStatus(run.status).terminal:
+            return False
+        if run.status == RunStatus.BLOCKED.value:
+            error = serde.dumps({"type": "Cancelled", "message": reason or "cancelled", "traceback": ""}, "error")
+            store.set_status(conn, run_id, RunStatus.CANCELLED, error)
+            rt._close_outstanding(conn, run, out, cancel_children=True)
+            return True
+        ok = store.append_input(conn, run, "cancel_requested", payload={"reason": reason}, key="cancel")
+    if ok:
+        out.advance.append(run_id)
+    return ok
+
+
+def _resolved_steps(events: list[Any]) -> set[int]:
+    """Steps whose result the history holds (value steps, and steps followed by a later step)."""
+    steps = {e.step for e in events if e.kind == "step_scheduled" and e.step is not None}
+    done = {s for s in steps if s + 1 in steps}
+    for e in events:
+        if e.kind == "step_scheduled" and e.payload.get("command", {}).get("mode") == "value":
+            done.add(e.step)
+        if e.kind in ("completed", "failed", "cancelled", "continued_as_new") and e.step in steps:
+            done.add(e.step)
+    return done
+
+
+def _ranges(steps: set[int]) -> str:
+    if not steps:
+        return ""
+    s = sorted(steps)
+    return f"{s[0]}-{s[-1]}" if len(s) > 1 else str(s[0])
