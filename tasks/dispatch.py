@@ -18,6 +18,8 @@ from persistence.models import utcnow
 from persistence.store import tasks_t
 from sdk import serde
 
+from .faults import fault
+
 if TYPE_CHECKING:
     from .wiring import Runtime
 
@@ -55,6 +57,8 @@ def publish_tasks(runtime: Runtime, ids: list[str]) -> int:
             argsrepr=repr(tuple(args)), kwargsrepr=repr(shown), **options,
         )
         sent.append(row.id)
+        if len(sent) == len(rows) // 2:
+            fault("mid_fanout_publish")
     if sent:
         with store.tx() as conn:
             rt.mark_published(conn, sent, utcnow())

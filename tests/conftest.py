@@ -60,7 +60,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 def broker_url() -> Iterator[str]:
     import redis
 
-    url = f"{REDIS}/7"
+    url = f"{REDIS}/{os.environ.get('TEST_REDIS_DB', '7')}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
