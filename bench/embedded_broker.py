@@ -110,6 +110,7 @@ def record(n: int) -> None:
 def relay(chain: int, step: int, total: int) -> None:
     if step == 0:
         _append(f"s {chain} {time.time()!r}\n")
+    _append(f"c {chain} {step}\n")
     if step + 1 < total:
         relay.delay(chain, step + 1, total)
     else:
@@ -135,8 +136,11 @@ class Result:
     publish_s: float = 0.0
     wall_s: float = 0.0
     chain_ms: list[float] = field(default_factory=list)
+    chains: int = 0
+    broken_chains: int = 0
     worker_errors: int = 0
     note: str = ""
+    trial: int = 1
 
 
 def read_log(path: Path) -> list[str]:
@@ -175,7 +179,7 @@ def stop_broker(kind: str, work: Path) -> None:
 
 def run_candidate(kind: str, n_tasks: int, chains: int, chain_len: int, work: Path) -> Result:
     url = start_broker(kind, work)
-    result = Result(kind, url)
+    result = Result(kind, url, chains=chains)
     log, ready = work / "tasks.log", work / "ready"
     client = Celery(f"bench-client-{kind}", set_as_current=False)
     configure(client, kind, url, work)
@@ -212,11 +216,20 @@ def run_candidate(kind: str, n_tasks: int, chains: int, chain_len: int, work: Pa
             raise RuntimeError(f"{kind}: workers not ready in 60 s; see {worker_logs}")
 
         # Chain latency: a task that publishes its successor, chain_len steps.
+        # A chain whose step count stops moving for 5 s lost a message: it is counted and the next one starts.
         for c in range(chains):
             client.send_task("bench.relay", args=(c, 0, chain_len))
-            if not wait_for(lambda c=c: any(line.startswith(f"e {c} ") for line in read_log(log)), 60):
-                result.note += f"chain {c} did not finish in 60 s; "
-                break
+            steps, moved, deadline = -1, time.monotonic(), time.monotonic() + 60
+            while time.monotonic() < deadline and time.monotonic() - moved < 5:
+                lines = read_log(log)
+                if any(line.startswith(f"e {c} ") for line in lines):
+                    break
+                now_steps = sum(1 for line in lines if line.startswith(f"c {c} "))
+                if now_steps != steps:
+                    steps, moved = now_steps, time.monotonic()
+                time.sleep(POLL)
+            else:
+                result.broken_chains += 1
         marks = {tuple(line.split()[:2]): float(line.split()[2]) for line in read_log(log) if line[0] in "se"}
         for c in range(chains):
             if ("s", str(c)) in marks and ("e", str(c)) in marks:
@@ -284,19 +297,19 @@ def run_candidate(kind: str, n_tasks: int, chains: int, chain_len: int, work: Pa
 def table(results: list[Result], n_tasks: int, chain_len: int) -> str:
     head = (
         f"| candidate | delivered | lost | duplicates | publish s | wall s ({n_tasks} tasks) | tasks/s "
-        f"| chain ms/step ({chain_len} steps, median) | worker log errors |"
+        f"| chain ms/step ({chain_len} steps, median (min-max)) | chains broken | worker log errors |"
     )
-    rows = [head, "|" + "---|" * 9]
+    rows = [head, "|" + "---|" * 10]
     for r in results:
         rate = f"{r.delivered / r.wall_s:.0f}" if r.wall_s else "-"
         chain = f"{statistics.median(r.chain_ms):.2f}" if r.chain_ms else "-"
         spread = f" ({min(r.chain_ms):.2f}-{max(r.chain_ms):.2f})" if len(r.chain_ms) > 1 else ""
-        name = NAMES[r.kind]
+        name = f"{NAMES[r.kind]} #{r.trial}"
         rows.append(
             f"| {name} | {r.delivered} | {r.lost} | {r.duplicates} | {r.publish_s:.2f} | {r.wall_s:.2f} "
-            f"| {rate} | {chain}{spread} | {r.worker_errors} |"
+            f"| {rate} | {chain}{spread} | {r.broken_chains}/{r.chains} | {r.worker_errors} |"
         )
-    notes = [f"- {r.kind}: {r.note}" for r in results if r.note]
+    notes = [f"- {r.kind} #{r.trial}: {r.note}" for r in results if r.note]
     return "\n".join(rows + notes)
 
 
@@ -306,15 +319,18 @@ def main() -> None:
     parser.add_argument("--chains", type=int, default=3)
     parser.add_argument("--chain-len", type=int, default=200)
     parser.add_argument("--only", default="redis,sqla,fs")
+    parser.add_argument("--trials", type=int, default=2)
     args = parser.parse_args()
     results = []
     started = time.monotonic()
-    for kind in args.only.split(","):
-        with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmp:
-            t = time.monotonic()
-            r = run_candidate(kind, args.tasks, args.chains, args.chain_len, Path(tmp))
-            print(f"{kind}: done in {time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
-            results.append(r)
+    for trial in range(1, args.trials + 1):
+        for kind in args.only.split(","):
+            with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmp:
+                t = time.monotonic()
+                r = run_candidate(kind, args.tasks, args.chains, args.chain_len, Path(tmp))
+                r.trial = trial
+                print(f"trial {trial} {kind}: {time.monotonic() - t:.1f}s", file=sys.stderr, flush=True)
+                results.append(r)
     print(f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, total {time.monotonic() - started:.0f}s")
     print(table(results, args.tasks, args.chain_len))
 

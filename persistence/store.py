@@ -136,9 +136,8 @@ class Store:
             return c.execute(select(runs).where(runs.c.run_id == run_id)).first()
 
     def require_run(self, run_id: str) -> Any:
-        row = self.get_run(run_id)
-        if row is None:
-            row = self.latest_run(run_id)
+        """The run (following a continue-as-new chain to its newest link) or WorkflowNotFound."""
+        row = self.latest_run(run_id)
         if row is None:
             raise WorkflowNotFound(f"no run with id {run_id!r}; list runs with `baton ls` or baton.list()")
         return row
@@ -236,6 +235,13 @@ class Store:
              "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": e.at or now}
             for i, e in enumerate(events)
         ])
+
+    def copy_checkpoints(self, conn: Connection, source: str, target: str, up_to_step: int) -> None:
+        """Give a fork the original's checkpoints of steps 1..k (so both stay inspectable)."""
+        rows = conn.execute(select(checkpoints_t).where(checkpoints_t.c.run_id == source,
+                                                        checkpoints_t.c.step <= up_to_step)).all()
+        if rows:
+            conn.execute(insert(checkpoints_t), [{**r._mapping, "run_id": target} for r in rows])
 
     def lock_run(self, conn: Connection, run_id: str) -> Any:
         """The run's row, locked for this transaction (FOR UPDATE; SQLite holds the db write lock)."""

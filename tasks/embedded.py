@@ -234,9 +234,7 @@ def _ensure_alias(alias: Path, data_dir: Path) -> None:
     try:
         parent.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
-        raise EmbeddedBrokerError(
-            f"cannot create {parent} for the embedded broker socket alias: {exc}"
-        ) from exc
+        raise EmbeddedBrokerError(f"cannot create {parent} for the embedded broker socket alias: {exc}") from exc
     st = parent.lstat()
     # Anyone can create names in /tmp: refuse a directory (or symlink) someone else planted there.
     if not parent.is_dir() or parent.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
@@ -322,9 +320,7 @@ def _start(data_dir: Path, sock: Path, deadline: float) -> None:
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise EmbeddedBrokerError(
-            f"could not launch {binary} for the embedded broker in {data_dir}: {exc}"
-        ) from exc
+        raise EmbeddedBrokerError(f"could not launch {binary} for the embedded broker in {data_dir}: {exc}") from exc
     if done.returncode != 0:
         output = done.stdout.decode("utf-8", "replace").strip()
         raise EmbeddedBrokerError(

@@ -8,7 +8,9 @@ an app that accepts pickle unless told otherwise.
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
@@ -40,8 +42,21 @@ RELIABLE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def embedded_home() -> Path:
+    """Where the embedded broker keeps its socket and data: ``$BATON_HOME`` or ``./.baton``."""
+    return Path(os.environ.get("BATON_HOME", ".baton")).resolve()
+
+
 def configure_app(app: Any, allow_pickle: bool) -> None:
-    """Apply Baton's defaults where the user has not chosen; refuse pickle unless allowed."""
+    """Apply Baton's defaults where the user has not chosen; refuse pickle unless allowed.
+
+    An app with no broker at all (Celery would silently fall back to a local RabbitMQ) gets
+    the embedded broker: a private redis-server on a Unix socket under ``embedded_home()``.
+    """
+    if not app.conf.broker_url and not os.environ.get("CELERY_BROKER_URL"):
+        from .embedded import embedded_broker_url
+
+        app.conf.broker_url = embedded_broker_url(embedded_home())
     changes = app.conf.changes
     for key, value in RELIABLE_DEFAULTS.items():
         if key not in changes:
@@ -191,6 +206,7 @@ class Runtime:
                 raise BatonError(f"a run with id {new_id!r} already exists; choose another fork id")
             store.create_run(conn, run_id=new_id, workflow_id=new_id, workflow=row.workflow, args_json=row.args,
                              kwargs_json=row.kwargs, forked=(row.run_id, at_step), history=history)
+            store.copy_checkpoints(conn, row.run_id, new_id, at_step)
         dispatch.advance_runs(self, [new_id])
 
 

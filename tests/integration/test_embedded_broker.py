@@ -90,9 +90,7 @@ def record_db(tmp_path: Path) -> Path:
     path = tmp_path / "record.sqlite3"
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(
-            "CREATE TABLE attempts (seq INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER NOT NULL, pid INTEGER)"
-        )
+        conn.execute("CREATE TABLE attempts (seq INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER NOT NULL, pid INTEGER)")
         conn.execute("CREATE TABLE done (n INTEGER PRIMARY KEY)")
     return path
 
