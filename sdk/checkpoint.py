@@ -24,12 +24,13 @@ OVER_BUDGET = "<omitted: checkpoint size cap reached>"
 
 def innermost_frame(gen: Generator[Any, Any, Any]) -> types.FrameType | None:
     """The frame actually paused at a yield, following ``yield from`` delegation."""
-    frame = gen.gi_frame
+    frame: types.FrameType | None = getattr(gen, "gi_frame", None)
     inner: Any = gen
     while getattr(inner, "gi_yieldfrom", None) is not None and hasattr(inner.gi_yieldfrom, "gi_frame"):
         inner = inner.gi_yieldfrom
         if inner.gi_frame is not None:
-            frame = inner.gi_frame
+            frame = inner.gi_frame  # a nested generator's frame
+    assert frame is None or isinstance(frame, types.FrameType)
     return frame
 
 

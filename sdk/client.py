@@ -6,6 +6,7 @@ Celery and the database are imported here lazily, inside ``Baton.__init__``, so 
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import os
 import uuid
@@ -14,7 +15,6 @@ from typing import Any
 
 from . import serde
 from .errors import (
-    BatonError,
     DefinitionError,
     WorkflowAlreadyStarted,
     WorkflowNotFound,
@@ -122,14 +122,14 @@ class Baton:
         return WorkflowHandle(self, workflow_id)
 
     def list(self, status: str | None = None, workflow: str | None = None, limit: int = 50,
-             offset: int = 0, search: str | None = None) -> list[WorkflowHandle]:
+             offset: int = 0, search: str | None = None) -> builtins.list[WorkflowHandle]:
         """Runs, newest first, optionally filtered."""
         if status is not None and status not in {s.value for s in RunStatus}:
             raise ValueError(f"unknown status {status!r}; one of {', '.join(s.value for s in RunStatus)}")
         rows = self.store.list_runs(status=status, workflow=workflow, limit=limit, offset=offset, search=search)
         return [WorkflowHandle(self, r.run_id) for r in rows]
 
-    def _start(self, wf: Workflow, args: list[Any], kwargs: dict[str, Any],
+    def _start(self, wf: Workflow, args: builtins.list[Any], kwargs: dict[str, Any],
                workflow_id: str | None) -> WorkflowHandle:
         for arg_name, value in wf.argument_names(args, kwargs):
             serde.dumps(value, f"argument {arg_name!r} of workflow {wf.name!r}", self.max_payload_bytes)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .serde import digest
@@ -212,7 +212,7 @@ def sleep_until(when: datetime) -> Timer:
     if not isinstance(when, datetime):
         raise TypeError(f"sleep_until() takes a datetime, not {type(when).__name__}")
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     return Timer(until=when)
 
 

@@ -105,7 +105,7 @@ class StoreError(BatonError):
 # Cancelled deliberately derives from BaseException, not BatonError: it is thrown into
 # the user's generator, and a user's ``except Exception:`` must not swallow it (the same
 # reasoning as asyncio.CancelledError and KeyboardInterrupt).
-class Cancelled(BaseException):  # noqa: N818 - the public name is fixed by the API contract
+class Cancelled(BaseException):
     """The run was cancelled; thrown into the generator at its current yield."""
 
     def __init__(self, reason: str = "") -> None:

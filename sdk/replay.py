@@ -38,7 +38,6 @@ from .errors import (
     Cancelled,
     NonDeterminismError,
     SerializationError,
-    SignalTimeout,
     error_from_dict,
 )
 from .events import (
@@ -403,7 +402,7 @@ class Instance:
                                           err.get("traceback", ""))
         value = payload.get("value")
         if spec.kind == "now":
-            return "send", datetime.fromisoformat(value)
+            return "send", datetime.fromisoformat(str(value))
         if spec.kind == "uuid4":
             return "send", _uuid.UUID(value)
         return "send", value

@@ -156,7 +156,8 @@ class WorkflowHandle:
 
     def history(self) -> list[Event]:
         """The newest run's recorded events, in order."""
-        return self.baton.store.events(self.run_id)
+        events: list[Event] = self.baton.store.events(self.run_id)
+        return events
 
     def children(self) -> list[WorkflowHandle]:
         return [WorkflowHandle(self.baton, r.run_id) for r in self.baton.store.list_runs(parent=self.run_id,

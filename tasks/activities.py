@@ -108,11 +108,11 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
         except SerializationError as exc:
             ok, value = False, {"type": "SerializationError", "message": str(exc), "traceback": ""}
     else:
-        exc = retval if isinstance(retval, BaseException) else None
+        err = retval if isinstance(retval, BaseException) else None
         value = {
-            "type": type(exc).__name__ if exc else "Exception",
-            "message": str(exc) if exc else repr(retval),
-            "traceback": "".join(traceback.format_exception(exc)) if exc else "",
+            "type": type(err).__name__ if err else "Exception",
+            "message": str(err) if err else repr(retval),
+            "traceback": "".join(traceback.format_exception(err)) if err else "",
             "task": task.name,
         }
     store = runtime.store

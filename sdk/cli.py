@@ -1,0 +1,888 @@
+"""The ``baton`` command line: start, inspect and steer runs; ``baton demo`` shows it all with no servers.
+
+``-A module:app`` (or ``BATON_APP``) names the module that builds the Celery app and its ``Baton``, as
+``celery -A`` does. Errors are one line on stderr and a non-zero exit code; ``--debug`` shows tracebacks.
+
+This module imports typer, rich and (through the user's app) Celery, so ``sdk/__init__.py`` never imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import linecache
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from .client import Baton
+from .errors import BatonError, WorkflowNotFound
+from .events import RunStatus
+
+APP_ENV = "BATON_APP"
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+cli = typer.Typer(
+    name="baton", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Durable generator workflows on Celery: start, inspect and steer runs.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class CliError(Exception):
+    """A user error the CLI reports as one line."""
+
+
+@dataclass
+class State:
+    app_spec: str | None
+    debug: bool
+    _baton: Baton | None = None
+
+    @property
+    def baton(self) -> Baton:
+        if self._baton is None:
+            self._baton = load_baton(self.app_spec)
+        return self._baton
+
+
+@cli.callback()
+def _root(
+    ctx: typer.Context,
+    app: str | None = typer.Option(None, "-A", "--app", envvar=APP_ENV, metavar="MODULE[:APP]",
+                                   help="Module defining the Celery app and its Baton (as for celery -A)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+) -> None:
+    ctx.obj = State(app, debug)
+
+
+# ---------------------------------------------------------------- loading the user's app
+
+
+def load_baton(spec: str | None) -> Baton:
+    """The ``Baton`` of ``module[:attr]``: the attribute itself, ``module.baton``, or the one in its globals."""
+    if not spec:
+        raise CliError(f"no app given: pass -A module:app (as for celery -A) or set {APP_ENV}")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)  # as `celery -A` does: modules next to where you run the command
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise CliError(f"cannot load app {spec!r}: no module named {missing!r} "
+                           f"(run baton from the directory that holds it, or fix -A/{APP_ENV})") from None
+        raise CliError(f"cannot load app {spec!r}: importing {module_name} failed: {exc}") from exc
+    except BatonError:
+        raise
+    except Exception as exc:
+        raise CliError(f"cannot load app {spec!r}: importing {module_name} raised "
+                       f"{type(exc).__name__}: {exc}") from exc
+    target: Any = module
+    if attr:
+        if not hasattr(module, attr):
+            raise CliError(f"cannot load app {spec!r}: module {module_name} has no attribute {attr!r}")
+        target = getattr(module, attr)
+        if isinstance(target, Baton):
+            return target
+    found = [v for v in vars(module).values() if isinstance(v, Baton)]
+    named = getattr(module, "baton", None)
+    if isinstance(named, Baton):
+        found.insert(0, named)
+    if attr:
+        found.sort(key=lambda b: b.app is not target)  # the Baton bound to the named app first
+    if not found:
+        raise CliError(f"module {module_name} defines no Baton: add `baton = Baton(app)` next to its Celery app")
+    return found[0]
+
+
+def parse_json(text: str | None, what: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{what} is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}; "
+                       "quote it for the shell, e.g. '[\"a\", 1]' or '{\"ok\": true}'") from None
+
+
+def state(ctx: typer.Context) -> State:
+    obj = ctx.obj
+    assert isinstance(obj, State)
+    return obj
+
+
+# ---------------------------------------------------------------- what a run is doing
+
+
+def describe_waiting(waiting: list[dict[str, Any]]) -> str:
+    """``60 x coding_agent.call_model``, ``signal 'approval'``, ``timer``... from a checkpoint's waiting_on."""
+    if not waiting:
+        return "-"
+    groups: Counter[tuple[str, str]] = Counter((str(w.get("kind", "?")), str(w.get("name", ""))) for w in waiting)
+    parts = []
+    for (kind, name), n in groups.items():
+        label = {"activity": name, "signal": f"signal {name!r}", "timer": f"timer ({name or 'sleep'})",
+                 "child": f"child run {name}"}.get(kind, f"{kind} {name}".strip())
+        parts.append(f"{n} x {label}" if n > 1 else label)
+    return ", ".join(parts)
+
+
+def source_line(position: dict[str, Any] | None) -> str:
+    if not position or not position.get("file") or not position.get("line"):
+        return ""
+    return linecache.getline(str(position["file"]), int(position["line"])).strip()
+
+
+def short_path(path: str) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return path
+
+
+def where(position: dict[str, Any] | None) -> str:
+    if not position or not position.get("file"):
+        return "-"
+    return f"{short_path(str(position['file']))}:{position.get('line')} in {position.get('function')}"
+
+
+def fmt_time(value: Any) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+
+def fmt_value(value: Any, limit: int = 100) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class Snapshot:
+    """What a run is doing now, read from the store."""
+
+    status: str
+    step: int
+    position: dict[str, Any]
+    waiting: list[dict[str, Any]]
+    step_total: int = 0
+    step_done: int = 0
+    tasks: Counter[str] = field(default_factory=Counter)
+    by_worker: Counter[str] = field(default_factory=Counter)
+    rows: list[Any] = field(default_factory=list)
+
+    @property
+    def waiting_text(self) -> str:
+        return describe_waiting(self.waiting)
+
+    @property
+    def ended(self) -> bool:
+        return self.status != RunStatus.RUNNING.value
+
+
+def snapshot(baton: Baton, run_id: str) -> Snapshot:
+    row = baton.store.require_run(run_id)
+    from . import serde
+
+    snap = Snapshot(status=str(row.status), step=int(row.step or 0), position=serde.loads(row.position) or {},
+                    waiting=serde.loads(row.waiting) or [])
+    snap.rows = list(baton.store.task_rows(row.run_id))
+    latest: dict[tuple[int, int], Any] = {}
+    for t in snap.rows:
+        key = (t.step, t.slot)
+        if key not in latest or t.attempt > latest[key].attempt:
+            latest[key] = t
+        if t.state == "done" and t.worker:
+            snap.by_worker[str(t.worker).split("@")[0]] += 1
+    for t in latest.values():
+        snap.tasks[t.state] += 1
+    here = [t for (s, _), t in latest.items() if s == snap.step]
+    snap.step_total = len(here)
+    snap.step_done = sum(t.state in ("done", "failed", "cancelled") for t in here)
+    return snap
+
+
+def progress_renderable(title: str, snap: Snapshot, elapsed: float, extra: list[Text] | None = None) -> Panel:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold cyan", no_wrap=True)
+    grid.add_column()
+    status_style = {"completed": "green", "running": "yellow"}.get(snap.status, "red")
+    grid.add_row("status", Text(f"{snap.status}  ({elapsed:.0f}s)", style=status_style))
+    grid.add_row("step", Text(f"{snap.step}  {where(snap.position)}"))
+    code = source_line(snap.position)
+    if code:
+        grid.add_row("", Text(code, style="dim"))
+    waiting: Any = Text(snap.waiting_text)
+    if snap.step_total > 1 and not snap.ended:
+        waiting = Table.grid(padding=(0, 1))
+        waiting.add_row(ProgressBar(total=snap.step_total, completed=snap.step_done, width=30),
+                        Text(f"{snap.step_done}/{snap.step_total}  {snap.waiting_text}"))
+    grid.add_row("waiting on", waiting)
+    done = snap.tasks.get("done", 0)
+    grid.add_row("tasks", Text(f"{done} done, {snap.tasks.get('started', 0)} running, "
+                               f"{snap.tasks.get('published', 0) + snap.tasks.get('scheduled', 0)} queued"))
+    for line in extra or []:
+        grid.add_row("", line)
+    return Panel(grid, title=title, title_align="left", border_style="blue")
+
+
+def progress_line(snap: Snapshot, elapsed: float) -> str:
+    text = f"[{elapsed:5.1f}s] step {snap.step:>3}  {snap.status:<9} waiting on {snap.waiting_text}"
+    if snap.step_total > 1 and not snap.ended:
+        text += f" ({snap.step_done}/{snap.step_total} done)"
+    return text
+
+
+# ---------------------------------------------------------------- commands on runs
+
+
+@cli.command()
+def start(
+    ctx: typer.Context,
+    workflow: str = typer.Argument(..., help="Name of a registered workflow."),
+    args: str | None = typer.Argument(None, metavar="[ARGS]", help=(
+        "JSON: a list of positional arguments, an object of keyword arguments, or one value "
+        "(wrap a single dict argument in a list).")),
+    workflow_id: str | None = typer.Option(None, "--id", help="Workflow id (idempotent: an existing id is "
+                                                                "returned, not started again)."),
+) -> None:
+    """Start a run of WORKFLOW."""
+    value = parse_json(args, "ARGS")
+    baton = state(ctx).baton
+    wf = baton.definition(workflow)
+    if args is None:
+        pos, kw = [], {}
+    elif isinstance(value, list):
+        pos, kw = value, {}
+    elif isinstance(value, dict):
+        pos, kw = [], value
+    else:
+        pos, kw = [value], {}
+    existed = workflow_id is not None and baton.store.latest_run(workflow_id) is not None
+    handle = wf.start(*pos, workflow_id=workflow_id, **kw)
+    if existed:
+        out.print(f"run {handle.id} already exists ({handle.status()}); not started again")
+    else:
+        out.print(f"started {handle.id}")
+    out.print(f"  follow it:  baton watch {handle.id}", style="dim")
+
+
+@cli.command("ls")
+def list_runs(
+    ctx: typer.Context,
+    status: str | None = typer.Option(None, "--status", "-s", help="running, completed, failed, cancelled, "
+                                                                   "blocked or continued."),
+    workflow: str | None = typer.Option(None, "--workflow", "-w", help="Only runs of this workflow."),
+    limit: int = typer.Option(50, "--limit", "-n", min=1, help="At most this many runs, newest first."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per run, one per line."),
+) -> None:
+    """List runs, newest first."""
+    baton = state(ctx).baton
+    handles = baton.list(status=status, workflow=workflow, limit=limit)
+    infos = [h.info() for h in handles]
+    if as_json:
+        for info in infos:
+            out.print_json(json.dumps(info, default=str), indent=None)
+        return
+    if not infos:
+        out.print("no runs" + (f" with status {status}" if status else "") +
+                  (f" of workflow {workflow}" if workflow else ""))
+        return
+    table = Table(box=None, header_style="bold")
+    for col in ("ID", "WORKFLOW", "STATUS", "STEP", "WAITING ON", "UPDATED"):
+        table.add_column(col, no_wrap=col != "WAITING ON", overflow="fold")
+    for info in infos:
+        table.add_row(info["id"], info["workflow"], info["status"], str(info["step"]),
+                      describe_waiting(info["waiting"]) if info["status"] == "running" else "-",
+                      fmt_time(info["updated_at"]))
+    out.print(table)
+
+
+def history_rows(events: list[Any]) -> list[tuple[str, str, str, str, str]]:
+    """Events grouped so that a fan-out's 60 completions read as one row: (seqs, step, kind, detail, at)."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    group: list[Any] = []
+
+    def flush() -> None:
+        if not group:
+            return
+        first, last = group[0], group[-1]
+        seqs = str(first.seq) if len(group) == 1 else f"{first.seq}-{last.seq}"
+        if len(group) == 1:
+            detail = event_detail(first)
+        else:
+            names = Counter(e.name for e in group)
+            detail = ", ".join(f"{n} x {name}" if n > 1 else name for name, n in names.items())
+        kind = first.kind if len(group) == 1 else f"{first.kind} x{len(group)}"
+        rows.append((seqs, "" if first.step is None else str(first.step), kind, detail, fmt_time(last.at)))
+        group.clear()
+
+    for e in events:
+        if group and (e.kind != group[0].kind or e.step != group[0].step or e.kind == "step_scheduled"):
+            flush()
+        group.append(e)
+    flush()
+    return rows
+
+
+def event_detail(e: Any) -> str:
+    p = e.payload or {}
+    if e.kind == "started":
+        return f"{p.get('workflow')}(args={fmt_value(p.get('args'), 60)}, kwargs={fmt_value(p.get('kwargs'), 60)})"
+    if e.kind == "step_scheduled":
+        text = f"{e.name}  line {p.get('line')}"
+        if "value" in p:
+            text += f" → {fmt_value(p['value'], 60)}"
+        return text
+    if e.kind in ("activity_completed", "child_completed"):
+        return f"{e.name} → {fmt_value(p.get('result'), 60)}"
+    if e.kind in ("activity_failed", "child_failed", "failed"):
+        error = p.get("error") or {}
+        return f"{e.name} {error.get('type', '')}: {fmt_value(error.get('message', ''), 80)}".strip()
+    if e.kind == "attempt_scheduled":
+        return f"{e.name} attempt {p.get('attempt')} after {p.get('after', '')}"
+    if e.kind == "signal_received":
+        return f"{e.name} ← {fmt_value(p.get('payload'), 60)}"
+    if e.kind == "completed":
+        return f"→ {fmt_value(p.get('result'), 80)}"
+    return fmt_value({k: v for k, v in p.items() if k != "traceback"}, 80) if p else e.name
+
+
+@cli.command()
+def show(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., metavar="ID", help="Workflow id."),
+    limit: int = typer.Option(40, "--limit", "-n", min=1, help="History rows to show (the latest)."),
+    show_all: bool = typer.Option(False, "--all", help="Show the whole history."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run as JSON."),
+) -> None:
+    """Show a run: status, position with its source line, locals, and its history."""
+    baton = state(ctx).baton
+    handle = baton.get(run_id)
+    info = handle.info()
+    if as_json:
+        info["history"] = [{"seq": e.seq, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
+                            "payload": e.payload, "at": e.at} for e in handle.history()]
+        out.print_json(json.dumps(info, default=str))
+        return
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold cyan", no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row("id", escape(info["id"]) + (f"  (run {escape(info['run_id'])})" if info["run_id"] != info["id"]
+                                               else ""))
+    grid.add_row("workflow", escape(info["workflow"]))
+    grid.add_row("status", escape(info["status"]))
+    grid.add_row("args", escape(fmt_value(info["args"], 200)) +
+                 (f"  kwargs {escape(fmt_value(info['kwargs'], 200))}" if info["kwargs"] else ""))
+    grid.add_row("step", str(info["step"]))
+    grid.add_row("position", escape(where(info["position"])))
+    code = source_line(info["position"])
+    if code:
+        grid.add_row("", Text(code, style="dim"))
+    if info["status"] == "running":
+        grid.add_row("waiting on", escape(describe_waiting(info["waiting"])))
+    if info["result"] is not None:
+        grid.add_row("result", escape(fmt_value(info["result"], 1000)))
+    if info["error"]:
+        grid.add_row("error", escape(f"{info['error'].get('type', '')}: {info['error'].get('message', '')}"))
+    if info["forked_from"]:
+        grid.add_row("forked from", escape(f"{info['forked_from']} at step {info['fork_step']}"))
+    if info["parent_run_id"]:
+        grid.add_row("parent", escape(info["parent_run_id"]))
+    grid.add_row("started", fmt_time(info["created_at"]))
+    grid.add_row("updated", fmt_time(info["updated_at"]))
+    out.print(Panel(grid, title=f"run {escape(info['id'])}", title_align="left", border_style="blue"))
+
+    local_vars = info["locals"] or {}
+    if local_vars:
+        table = Table(title="locals", title_justify="left", box=None, header_style="bold")
+        table.add_column("NAME", no_wrap=True)
+        table.add_column("VALUE", overflow="fold")
+        for name, value in local_vars.items():
+            table.add_row(escape(name), escape(fmt_value(value, 160)))
+        out.print(table)
+
+    rows = history_rows(handle.history())
+    shown = rows if show_all else rows[-limit:]
+    table = Table(title=f"history ({len(rows)} rows" + ("" if len(shown) == len(rows) else
+                                                         f", latest {len(shown)}; --all for every row") + ")",
+                  title_justify="left", box=None, header_style="bold")
+    for col in ("SEQ", "STEP", "EVENT", "DETAIL", "AT"):
+        table.add_column(col, no_wrap=col != "DETAIL", overflow="fold")
+    for row in shown:
+        table.add_row(*(escape(c) for c in row))
+    out.print(table)
+
+
+@cli.command()
+def watch(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., metavar="ID", help="Workflow id."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Give up after this many seconds (exit 1)."),
+    interval: float = typer.Option(0.5, "--interval", min=0.05, help="Seconds between polls."),
+) -> None:
+    """Follow a run live until it ends; exit 0 if it completed, 1 otherwise."""
+    baton = state(ctx).baton
+    handle = baton.get(run_id)
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    last = ""
+    snap = snapshot(baton, handle.id)
+
+    def done() -> bool:
+        return snap.ended or (deadline is not None and time.monotonic() > deadline)
+
+    if out.is_terminal:
+        with Live(progress_renderable(f"watching {handle.id}", snap, 0), console=out, transient=False) as live:
+            while not done():
+                time.sleep(interval)
+                snap = snapshot(baton, handle.id)
+                live.update(progress_renderable(f"watching {handle.id}", snap, time.monotonic() - started))
+    else:
+        while True:
+            line = progress_line(snap, time.monotonic() - started)
+            key = line.split("]", 1)[1]
+            if key != last:
+                out.print(escape(line))
+                last = key
+            if done():
+                break
+            time.sleep(interval)
+            snap = snapshot(baton, handle.id)
+    finish(handle, snap, timeout)
+
+
+def finish(handle: Any, snap: Snapshot, timeout: float | None) -> None:
+    info = handle.info()
+    if snap.status == RunStatus.COMPLETED.value:
+        out.print(f"{handle.id} completed → {escape(fmt_value(info['result'], 2000))}")
+        return
+    if not snap.ended:
+        raise CliError(f"run {handle.id} still {snap.status} at step {snap.step} after {timeout}s; "
+                       f"it goes on: `baton watch {handle.id}` again to keep following it")
+    error = info["error"] or {}
+    raise CliError(f"run {handle.id} {snap.status}: {error.get('type', '')}: {error.get('message', '')}".rstrip(": "))
+
+
+@cli.command("signal")
+def send_signal(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., metavar="ID", help="Workflow id."),
+    name: str = typer.Argument(..., help="Signal name, as in wait_signal(NAME)."),
+    payload: str | None = typer.Argument(None, metavar="[JSON]", help="Payload as JSON (default null)."),
+) -> None:
+    """Send a signal to a run (buffered until a wait_signal takes it)."""
+    value = parse_json(payload, "the signal payload")
+    handle = state(ctx).baton.get(run_id)
+    handle.signal(name, value)
+    out.print(f"sent signal {name!r} to {handle.id}")
+
+
+@cli.command()
+def cancel(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., metavar="ID", help="Workflow id."),
+    reason: str = typer.Option("cancelled from the command line", "--reason", help="Shown in the run's error."),
+    wait: bool = typer.Option(False, "--wait", help="Wait until the run has ended."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds --wait waits."),
+) -> None:
+    """Cancel a run: Cancelled is raised at its current yield, so its cleanup code runs."""
+    handle = state(ctx).baton.get(run_id)
+    if not handle.cancel(reason):
+        raise CliError(f"run {handle.id} has already ended ({handle.status()}); nothing to cancel")
+    out.print(f"cancel requested for {handle.id}")
+    if wait:
+        deadline = time.monotonic() + timeout
+        while not RunStatus(handle.status()).terminal:
+            if time.monotonic() > deadline:
+                raise CliError(f"run {handle.id} still {handle.status()} {timeout}s after the cancel request; "
+                               "are workers running?")
+            time.sleep(0.1)
+        out.print(f"{handle.id} {handle.status()}")
+
+
+@cli.command()
+def fork(
+    ctx: typer.Context,
+    run_id: str = typer.Argument(..., metavar="ID", help="Workflow id of the original."),
+    at: int = typer.Option(..., "--at", min=0, help="Keep the original's first STEP steps; run live after."),
+    new_id: str | None = typer.Option(None, "--id", help="Id of the new run (default: generated)."),
+) -> None:
+    """Start a new run sharing the first STEP steps of a run's history (the original is untouched)."""
+    baton = state(ctx).baton
+    baton.get(run_id)
+    handle = baton.fork(run_id, at_step=at, new_id=new_id)
+    out.print(f"forked {run_id} at step {at} as {handle.id}")
+    out.print(f"  follow it:  baton watch {handle.id}", style="dim")
+
+
+@cli.command()
+def resume(ctx: typer.Context, run_id: str = typer.Argument(..., metavar="ID", help="Workflow id.")) -> None:
+    """Retry a blocked run after a code fix (re-drives a running one)."""
+    handle = state(ctx).baton.resume(run_id)
+    out.print(f"resumed {handle.id} ({handle.status()})")
+
+
+@cli.command()
+def dashboard(
+    ctx: typer.Context,
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8089, "--port", help="Port to listen on."),
+    token: str | None = typer.Option(None, "--token", envvar="BATON_DASHBOARD_TOKEN",
+                                     help="Require this token (needed to listen beyond localhost)."),
+    flower_url: str | None = typer.Option(None, "--flower-url", envvar="BATON_FLOWER_URL",
+                                          help="Flower's address, to link each step to its task."),
+) -> None:
+    """Serve the web dashboard: runs, timelines, positions and locals."""
+    baton = state(ctx).baton
+    from dashboards.server import serve
+
+    serve(baton, host, port, token, flower_url)
+
+
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def flower(ctx: typer.Context) -> None:
+    """Run Flower on the app, with Baton's run and step on each task (extra options go to Flower)."""
+    baton = state(ctx).baton
+    from dashboards.flower import run_flower
+
+    run_flower(baton.app, baton, list(ctx.args))
+
+
+# ---------------------------------------------------------------- baton demo
+
+
+DEMO_MODULE = "examples.coding_agent"
+DEMO_TICKET = "reject negative values in every handler"
+
+
+def find_examples_root() -> Path:
+    """The directory holding ``examples/coding_agent.py``: this checkout, or the working directory."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "examples" / "coding_agent.py").is_file():
+            return root
+    raise CliError("the demo runs examples/coding_agent.py, which is not next to this installation nor in the "
+                   "working directory; run `baton demo` from a clone of the Baton repository")
+
+
+class Workers:
+    """Demo worker subprocesses, each in its own process group so it can be SIGKILLed whole."""
+
+    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+        self.directory = directory
+        self.env = env
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, concurrency: int) -> subprocess.Popen[bytes]:
+        log = open(self.directory / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", DEMO_MODULE, "worker", "-P", "prefork",
+                 "-c", str(concurrency), "-n", f"{name}@%h", "--without-mingle", "--without-gossip",
+                 "-l", "WARNING"],
+                cwd=self.directory, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        finally:
+            log.close()
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+    def log_tail(self, name: str, lines: int = 8) -> str:
+        path = self.directory / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return " | ".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+
+    def stop(self) -> None:
+        """SIGTERM every group, then SIGKILL whatever is left after a grace period."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # the group too: pool children of a worker that died first
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # so that `finally` stops the workers and the broker
+
+
+@dataclass
+class DemoState:
+    """What the demo has done so far, for its live display and its final report."""
+
+    events: list[str] = field(default_factory=list)
+    killed: str | None = None
+    killed_at: float | None = None
+    killed_step: int = 0
+    held: list[str] = field(default_factory=list)
+    recovered_at: float | None = None
+    approved_at: float | None = None
+
+
+@cli.command()
+def demo(
+    directory: Annotated[Path | None, typer.Option(
+        "--dir", help="Working directory for the broker, the SQLite file, the logs and the generated repository "
+                      "(default: a new temporary directory).")] = None,
+    workers: int = typer.Option(2, "--workers", min=2, max=8, help="Worker processes to start."),
+    concurrency: int = typer.Option(2, "--concurrency", min=1, max=8, help="Pool processes per worker."),
+    modules: int = typer.Option(60, "--modules", min=50, max=500, help="Files in the generated repository "
+                                                                      "(the size of each fan-out)."),
+    kill: bool = typer.Option(True, "--kill/--no-kill", help="SIGKILL a worker mid-run."),
+    timeout: float = typer.Option(240.0, "--timeout", help="Give up after this many seconds."),
+) -> None:
+    """Run a sample coding agent end to end on the embedded default (no servers), killing a worker mid-run."""
+    began = time.monotonic()
+    root = find_examples_root()
+    work = (directory or Path(tempfile.mkdtemp(prefix="baton-demo-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    from tasks.embedded import embedded_broker_url, stop_embedded_broker
+
+    broker_dir = work / "broker"
+    db_path = work / "baton.sqlite3"
+    for stale in (db_path, work / "baton.sqlite3-wal", work / "baton.sqlite3-shm"):
+        stale.unlink(missing_ok=True)  # a fresh run every time, even in a reused --dir
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
+    old_handler = signal.signal(signal.SIGTERM, _terminate)
+    pool = Workers(work, env)
+    try:
+        out.print(f"[bold]Baton demo[/] in {escape(str(work))}")
+        broker = embedded_broker_url(broker_dir)
+        env.update(CELERY_BROKER_URL=broker, BATON_DATABASE_URL=f"sqlite:///{db_path}",
+                   BATON_EXAMPLE_WORKSPACE=str(work / "workspace"),
+                   PYTHONPATH=os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p))
+        for key in ("CELERY_BROKER_URL", "BATON_DATABASE_URL", "BATON_EXAMPLE_WORKSPACE"):
+            os.environ[key] = env[key]
+        os.environ.pop("CELERY_RESULT_BACKEND", None)
+        out.print(f"  broker    embedded redis-server on {escape(broker.removeprefix('redis+socket://'))} "
+                  "(no TCP port)")
+        out.print(f"  database  {escape(str(db_path))}")
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        example = importlib.import_module(DEMO_MODULE)
+        baton: Baton = example.baton
+        baton.list(limit=1)  # creates the tables before the workers race to
+        names = [f"demo{i + 1}" for i in range(workers)]
+        for name in names:
+            pool.start(name, concurrency)
+        wait_for_workers(baton, pool, names, deadline=time.monotonic() + min(90.0, timeout))
+        out.print(f"  workers   {', '.join(f'{n} (pid {pool.procs[n].pid})' for n in names)}: "
+                  f"celery -A {DEMO_MODULE} worker -c {concurrency}")
+        handle = example.coding_agent.start(DEMO_TICKET, modules=modules)
+        out.print(f"  run       {handle.id}: coding_agent({DEMO_TICKET!r}, modules={modules})\n")
+        ds = DemoState()
+        snap = drive_demo(baton, handle, pool, names, ds, kill=kill, deadline=began + timeout, began=began)
+        report_demo(baton, handle, snap, ds, work, began)
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        pool.stop()
+        try:
+            stop_embedded_broker(broker_dir)
+        except Exception as exc:
+            err.print(f"warning: could not stop the embedded broker in {broker_dir}: {exc}")
+
+
+def wait_for_workers(baton: Baton, pool: Workers, names: list[str], deadline: float) -> None:
+    """Ready once each worker's heartbeat row exists (its sweeper thread writes it at its first tick)."""
+    pending = set(names)
+    while pending:
+        for name in names:
+            proc = pool.procs[name]
+            if proc.poll() is not None:
+                raise CliError(f"worker {name} exited with code {proc.returncode} while starting: "
+                               f"{pool.log_tail(name)}")
+        ids = [w.id for w in baton.store.workers()]
+        pending = {n for n in pending if not any(i.startswith(f"{n}@") and i.endswith(f"/{pool.procs[n].pid}")
+                                                 for i in ids)}
+        if pending and time.monotonic() > deadline:
+            raise CliError(f"worker(s) {', '.join(sorted(pending))} did not start in time: "
+                           f"{pool.log_tail(sorted(pending)[0])}")
+        if pending:
+            time.sleep(0.2)
+
+
+def drive_demo(baton: Baton, handle: Any, pool: Workers, names: list[str], ds: DemoState, *, kill: bool,
+               deadline: float, began: float) -> Snapshot:
+    """Poll the run, kill a worker mid fan-out, approve when asked; return the final snapshot."""
+    victim = names[0]
+    start = time.monotonic()
+    approve_after: float | None = None
+    last_line = ""
+    live = Live(console=out, refresh_per_second=8, transient=False) if out.is_terminal else None
+
+    def note(message: str) -> None:
+        ds.events.append(f"[{time.monotonic() - start:5.1f}s] {message}")
+        if live is None:
+            out.print(escape(ds.events[-1]))
+
+    if live is not None:
+        live.start()
+    try:
+        while True:
+            snap = snapshot(baton, handle.id)
+            now = time.monotonic()
+            line = progress_line(snap, now - start)
+            if live is not None:
+                extra = [Text(e, style="magenta") for e in ds.events[-4:]]
+                live.update(progress_renderable(f"run {handle.id}", snap, now - start,
+                                                [*extra, worker_line(names, snap, ds)]))
+            elif line.split("]", 1)[1] != last_line:
+                out.print(escape(line))
+                last_line = line.split("]", 1)[1]
+            for name in names:
+                if name != ds.killed and pool.procs[name].poll() is not None:
+                    raise CliError(f"worker {name} exited unexpectedly ({pool.procs[name].returncode}): "
+                                   f"{pool.log_tail(name)}")
+            if kill and ds.killed is None and not snap.ended:
+                held = [t.id for t in snap.rows if t.state == "started" and str(t.worker).startswith(f"{victim}@")]
+                mid_fanout = snap.step_total >= 10 and snap.step_total // 4 <= snap.step_done < snap.step_total - 5
+                asking = any(w.get("kind") == "signal" for w in snap.waiting)
+                if (held and mid_fanout) or asking:
+                    pool.kill(victim)
+                    ds.killed, ds.killed_at, ds.killed_step, ds.held = victim, now, snap.step, held
+                    note(f"SIGKILLed worker {victim} (pid {pool.procs[victim].pid}) and its pool at step "
+                         f"{snap.step}, holding {len(held)} task(s) mid-flight")
+            if ds.killed and ds.recovered_at is None and ds.held:
+                rows = {t.id: t for t in snap.rows}
+                held = [rows[i] for i in ds.held if i in rows]
+                # Reclaimed attempts keep their task id: done by a survivor, the row names that worker.
+                if all(t.state in ("done", "failed", "cancelled") for t in held):
+                    ds.recovered_at = now
+                    survivors = sorted({str(t.worker).split("@")[0] for t in held
+                                        if t.worker and not str(t.worker).startswith(f"{victim}@")})
+                    note(f"the {len(held)} task(s) {victim} held were found lost and re-run on "
+                         f"{', '.join(survivors) or 'another worker'} "
+                         f"({now - (ds.killed_at or now):.1f}s after the kill)")
+            waiting_approval = any(w.get("kind") == "signal" and w.get("name") == "approval" for w in snap.waiting)
+            if waiting_approval and (ds.killed or not kill) and ds.approved_at is None:
+                if approve_after is None:
+                    approve_after = now + 1.0  # a human takes a moment; the run holds no worker meanwhile
+                    note("the agent asks for a human approval (signal 'approval'); the demo will approve")
+                elif now >= approve_after:
+                    handle.signal("approval", {"approved": True, "by": "baton demo"})
+                    ds.approved_at = now
+                    note("sent signal 'approval' {\"approved\": true}")
+            if snap.ended:
+                return snap
+            if now > deadline:
+                raise CliError(f"the demo did not finish within {deadline - began:.0f}s (run {handle.id} at step "
+                               f"{snap.step}, waiting on {snap.waiting_text}); worker logs are in "
+                               f"{pool.directory}")
+            time.sleep(0.25)
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def worker_line(names: list[str], snap: Snapshot, ds: DemoState) -> Text:
+    text = Text("workers: ")
+    for name in names:
+        dead = name == ds.killed
+        text.append(f"{name} {'✗ killed' if dead else '✓'} {snap.by_worker.get(name, 0)} tasks   ",
+                    style="red" if dead else "green")
+    return text
+
+
+def report_demo(baton: Baton, handle: Any, snap: Snapshot, ds: DemoState, work: Path, began: float) -> None:
+    if snap.status != RunStatus.COMPLETED.value:
+        error = handle.info()["error"] or {}
+        raise CliError(f"the demo run {handle.id} ended {snap.status}: {error.get('type')}: {error.get('message')}")
+    result = handle.result(timeout=5)
+    events = handle.history()
+    per_worker = ", ".join(f"{name}: {n}" for name, n in sorted(snap.by_worker.items()))
+    out.print(Panel(Text(json.dumps(result, indent=2)), title="result", title_align="left", border_style="green"))
+    out.print(f"[green]✓[/] run completed: {snap.step} steps, {len(events)} events, "
+              f"{sum(snap.by_worker.values())} tasks ({escape(per_worker)})")
+    if ds.killed:
+        recovered = f", recovered in {ds.recovered_at - ds.killed_at:.1f}s" if ds.recovered_at and ds.killed_at \
+            else ""
+        out.print(f"[green]✓[/] worker {ds.killed} was SIGKILLed at step {ds.killed_step} with {len(ds.held)} "
+                  f"task(s) in flight; the run carried on in the others{recovered}")
+    out.print(f"[green]✓[/] demo finished in {time.monotonic() - began:.1f}s\n")
+    env = f"BATON_DATABASE_URL=sqlite:///{work / 'baton.sqlite3'}"
+    out.print("[bold]Where to look next[/]")
+    out.print(f"  the workflow:     {escape(short_path(str(find_examples_root() / 'examples' / 'coding_agent.py')))}")
+    out.print(f"  this run:         {escape(env)} baton -A {DEMO_MODULE} show {handle.id}")
+    out.print(f"  in a browser:     {escape(env)} baton -A {DEMO_MODULE} dashboard")
+    out.print(f"  fork it:          {escape(env)} baton -A {DEMO_MODULE} fork {handle.id} --at 8  "
+              "(needs workers: celery -A examples.coding_agent worker)")
+    out.print(f"  worker logs:      {escape(str(work))}/demo*.log")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, CliError | BatonError | ValueError | TypeError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if len(text) > 600:
+        text = text[:597] + "..."
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``baton`` script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("BATON_DEBUG", "") not in ("", "0")
+    try:
+        cli(args=args, prog_name="baton")
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        if debug:
+            raise
+        hint = "" if isinstance(exc, CliError | BatonError | WorkflowNotFound) else " (--debug for the traceback)"
+        err.print(f"[red]error:[/] {escape(one_line(exc))}{hint}", soft_wrap=True)
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()
