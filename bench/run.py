@@ -1,0 +1,786 @@
+"""Baton against bare Celery: five scenarios, medians of several repetitions, one process run.
+
+Each run makes a fresh PostgreSQL schema (or SQLite file), flushes its own Redis dbs, starts one
+``celery worker`` for Baton and one for the bare-Celery equivalent (same flags on both:
+``-P prefork -c 2 --without-mingle --without-gossip`` by default), and alternates their repetitions
+(Baton, bare, Baton, bare, ...) so that noise from other load on the machine hits both sides alike.
+
+Scenarios (sizes in full mode; ``--quick`` shrinks them):
+
+1. ``seq``: a workflow of 200 no-op steps vs a Celery chain of 200 no-op tasks (ms per step);
+2. ``fan``: one yield of 1,000 no-op tasks vs a chord of 1,000 with a no-op callback (seconds);
+3. ``thru``: 200 concurrent workflows of 10 steps vs 200 ten-task chains (tasks per second);
+4. ``hist``: per-step latency around steps 50, 500 and 5,000 of one long workflow, then a signal hop
+   on a warm worker and one after a worker restart (cold resume: the whole history replayed);
+5. ``mem``: worker RSS while 10,000 runs pass through it (each parks on a signal, so the live
+   generator cache fills past its bound, then all are released).
+
+Run: ``.venv/bin/python bench/run.py [--quick] [--only seq,fan,...] [--store pg|sqlite] [--reps N]``.
+``--json FILE`` also writes every measurement. Redis dbs 11 (Baton broker), 12 (bare broker) and
+13 (bare result backend) are flushed at start; override with ``--redis-dbs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this folder would shadow the standard library (``profile``): import from ROOT instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+REDIS = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
+PG = os.environ.get("BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+FULL = {"seq": 200, "fan": 1000, "thru_runs": 200, "thru_steps": 10, "hist": 5000, "points": (50, 500, 5000),
+        "mem": 10_000, "mem_batch": 500, "mem_cache": None, "reps": 5}
+QUICK = {"seq": 50, "fan": 200, "thru_runs": 20, "thru_steps": 10, "hist": 500, "points": (50, 500),
+         "mem": 400, "mem_batch": 100, "mem_cache": 50, "reps": 3}
+SCENARIOS = ("seq", "fan", "thru", "hist", "mem")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def wait_quiet(limit: float, timeout: float) -> None:
+    """Wait until the 1-minute load average drops below ``limit`` (other work on a shared machine)."""
+    deadline = time.monotonic() + timeout
+    while float(loadavg().split()[0]) >= limit and time.monotonic() < deadline:
+        log(f"waiting for a quieter machine: load {loadavg()} (want < {limit})")
+        time.sleep(15)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            text = (task / "children").read_text().split()
+            out += [int(x) for x in text]
+    except OSError:
+        pass
+    return out
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Worker:
+    """One ``celery worker`` subprocess (its own session, so the whole group can be signalled)."""
+
+    count = 0
+
+    def __init__(self, side: str, env: dict[str, str], queue: str, logdir: Path, pool: str, concurrency: int) -> None:
+        self.side = side
+        self.env = env
+        self.queue = queue
+        self.logdir = logdir
+        self.pool = pool
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logfile: Path | None = None
+
+    def start(self) -> Worker:
+        Worker.count += 1
+        name = f"{self.side}{Worker.count}-{self.queue}@%h"
+        self.logfile = self.logdir / f"worker-{self.side}-{Worker.count}.log"
+        env = dict(os.environ)
+        env.update(self.env)
+        env["PYTHONPATH"] = str(ROOT)
+        with open(self.logfile, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "bench.app", "worker", "-P", self.pool,
+                 "-c", str(self.concurrency), "-n", name, "-Q", self.queue, "--without-mingle",
+                 "--without-gossip", "-l", "WARNING"],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.logfile.read_text(errors="replace")[-3000:] if self.logfile else ""
+            raise RuntimeError(f"{self.side} worker exited with {self.proc.returncode}:\n{tail}")
+
+    def pids(self) -> list[int]:
+        return [self.pid, *_children(self.pid)] if self.alive() else []
+
+    def rss(self) -> dict[str, float]:
+        """RSS in MB of the main process, of the largest pool child, and of the whole tree."""
+        main = _rss_kb(self.pid) / 1024
+        kids = [_rss_kb(p) / 1024 for p in _children(self.pid)]
+        return {"main": main, "max_child": max(kids, default=0.0), "total": main + sum(kids)}
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+        self.proc = None
+
+
+# ---------------------------------------------------------------- the bench environment
+
+
+@dataclass
+class Env:
+    store: str
+    pool: str
+    concurrency: int
+    redis_dbs: tuple[int, int, int]
+    tmp: Path
+    keep: bool = False
+    db_url: str = ""
+    schema: str = ""
+    queue: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:6]}")
+    baton_ns: Any = None
+    bare_ns: Any = None
+    baton_w: Worker | None = None
+    bare_w: Worker | None = None
+    cache_size: int | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    profile_replay: bool = False
+
+    @property
+    def baton_broker(self) -> str:
+        return f"{REDIS}/{self.redis_dbs[0]}"
+
+    @property
+    def bare_broker(self) -> str:
+        return f"{REDIS}/{self.redis_dbs[1]}"
+
+    @property
+    def bare_backend(self) -> str:
+        return f"{REDIS}/{self.redis_dbs[2]}"
+
+    # ------------------------------------------------------------ setup / teardown
+    def open(self) -> Env:
+        import redis
+
+        for db in self.redis_dbs:
+            redis.Redis.from_url(f"{REDIS}/{db}").flushdb()
+        if self.store == "pg":
+            import sqlalchemy as sa
+
+            self.schema = f"bench_{uuid.uuid4().hex[:10]}"
+            admin = sa.create_engine(PG, isolation_level="AUTOCOMMIT")
+            with admin.connect() as c:
+                c.execute(sa.text(f'CREATE SCHEMA "{self.schema}"'))
+            admin.dispose()
+            self.db_url = f"{PG}?options=-csearch_path%3D{self.schema}"
+        else:
+            self.db_url = f"sqlite:///{self.tmp / 'baton.sqlite3'}"
+        from bench.app import build_bare, build_baton
+
+        self.baton_ns = build_baton(self.baton_broker, self.db_url, self.queue)
+        self.bare_ns = build_bare(self.bare_broker, self.bare_backend, self.queue)
+        self.bare_ns.app.conf.task_send_sent_event = False
+        return self
+
+    def close(self) -> None:
+        for w in (self.baton_w, self.bare_w):
+            if w is not None:
+                w.stop()
+        from persistence.store import Store
+
+        for st in list(Store._cache.values()):
+            st.engine.dispose()
+        Store.forget_all()
+        if self.store == "pg" and self.schema and not self.keep:
+            import sqlalchemy as sa
+
+            admin = sa.create_engine(PG, isolation_level="AUTOCOMMIT")
+            with admin.connect() as c:
+                c.execute(sa.text(f'DROP SCHEMA "{self.schema}" CASCADE'))
+            admin.dispose()
+
+    def baton_env(self) -> dict[str, str]:
+        env = {"BENCH_SIDE": "baton", "BENCH_BROKER": self.baton_broker, "BENCH_DB": self.db_url,
+               "BENCH_QUEUE": self.queue}
+        if self.cache_size is not None:
+            env["BENCH_CACHE_SIZE"] = str(self.cache_size)
+        env.update(self.extra_env)
+        return env
+
+    def bare_env(self) -> dict[str, str]:
+        return {"BENCH_SIDE": "bare", "BENCH_BROKER": self.bare_broker, "BENCH_BACKEND": self.bare_backend,
+                "BENCH_QUEUE": self.queue}
+
+    def start_baton(self) -> Worker:
+        if self.baton_w is not None:
+            self.baton_w.stop()
+        self.baton_w = Worker("baton", self.baton_env(), self.queue, self.tmp, self.pool, self.concurrency).start()
+        warm_baton(self)
+        return self.baton_w
+
+    def start_bare(self) -> Worker:
+        if self.bare_w is not None:
+            self.bare_w.stop()
+        self.bare_w = Worker("bare", self.bare_env(), self.queue, self.tmp, self.pool, self.concurrency).start()
+        warm_bare(self)
+        return self.bare_w
+
+
+# ---------------------------------------------------------------- Baton client helpers
+
+
+def _store(env: Env) -> Any:
+    return env.baton_ns.baton.store
+
+
+def run_rows(env: Env, ids: list[str]) -> list[Any]:
+    from sqlalchemy import select
+
+    from persistence.store import runs
+
+    with _store(env).read() as c:
+        return list(c.execute(select(runs.c.run_id, runs.c.status, runs.c.step, runs.c.created_at,
+                                     runs.c.finished_at).where(runs.c.run_id.in_(ids))))
+
+
+def count_where(env: Env, ids: list[str], pred: Callable[[Any], bool]) -> int:
+    n = 0
+    for i in range(0, len(ids), 1000):
+        n += sum(1 for r in run_rows(env, ids[i:i + 1000]) if pred(r))
+    return n
+
+
+def wait_runs(env: Env, ids: list[str], timeout: float, pred: Callable[[Any], bool] | None = None,
+              what: str = "runs to complete", interval: float = 0.05) -> None:
+    check = pred or (lambda r: r.status == "completed")
+
+    def done() -> bool:
+        if env.baton_w is not None:
+            env.baton_w.check()
+        failed = [r for r in run_rows(env, ids[:1000]) if r.status in ("failed", "blocked", "cancelled")]
+        if failed:
+            raise RuntimeError(f"run {failed[0].run_id} ended {failed[0].status}")
+        return count_where(env, ids, check) == len(ids)
+
+    wait_for(done, timeout, f"{len(ids)} {what}", interval)
+
+
+def finished_at(env: Env, ids: list[str]) -> float:
+    rows = []
+    for i in range(0, len(ids), 1000):
+        rows += run_rows(env, ids[i:i + 1000])
+    return max(r.finished_at.timestamp() for r in rows)
+
+
+def step_times(env: Env, run_id: str) -> dict[int, float]:
+    """When each step was decided (the ``at`` of its ``step_scheduled`` event), by step number."""
+    from sqlalchemy import select
+
+    from persistence.store import events_t
+
+    with _store(env).read() as c:
+        rows = c.execute(select(events_t.c.step, events_t.c.at).where(
+            events_t.c.run_id == run_id, events_t.c.kind == "step_scheduled").order_by(events_t.c.step))
+        out = {}
+        for r in rows:
+            at = r.at if r.at.tzinfo else r.at.replace(tzinfo=__import__("datetime").timezone.utc)
+            out[int(r.step)] = at.timestamp()
+        return out
+
+
+def baton_one(env: Env, wf: Any, *args: Any, timeout: float = 300) -> float:
+    """Start one run, wait for it; seconds from the start call to its commit of completion."""
+    t0 = time.time()
+    h = wf.start(*args)
+    wait_runs(env, [h.id], timeout, interval=0.02)
+    return finished_at(env, [h.id]) - t0
+
+
+def warm_baton(env: Env) -> None:
+    ns = env.baton_ns
+    deadline = 90
+    ids = [ns.seq.start(10).id, ns.fan.start(10).id, ns.seq.start(10).id]
+    wait_runs(env, ids, deadline, what="warm-up runs")
+
+
+# ---------------------------------------------------------------- bare Celery client helpers
+
+
+def _redis(env: Env) -> Any:
+    import redis
+
+    if not hasattr(env, "_r"):
+        env._r = redis.Redis.from_url(env.bare_broker, socket_timeout=60)  # type: ignore[attr-defined]
+    return env._r  # type: ignore[attr-defined]
+
+
+def bare_wait(env: Env, key: str, n: int, timeout: float) -> list[float]:
+    r = _redis(env)
+    out: list[float] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"bare side: {len(out)}/{n} notifications on {key}")
+        item = r.blpop([key], timeout=min(5, max(1, int(left))))
+        if env.bare_w is not None:
+            env.bare_w.check()
+        if item is not None:
+            out.append(float(item[1]))
+    return out
+
+
+def bare_chain(env: Env, n: int, notify: str, stamp: str | None = None) -> Any:
+    from celery import chain
+
+    noop = env.bare_ns.noop
+    sigs = [noop.si(i, stamp=stamp).set(ignore_result=True) for i in range(n - 1)]
+    sigs.append(noop.si(n - 1, stamp=stamp, notify=notify).set(ignore_result=True))
+    return chain(*sigs)
+
+
+def bare_chord(env: Env, n: int, notify: str) -> Any:
+    from celery import chord
+
+    noop = env.bare_ns.noop
+    return chord([noop.si(i) for i in range(n)], noop.si(None, notify=notify).set(ignore_result=True))
+
+
+def warm_bare(env: Env) -> None:
+    key = f"warm:{uuid.uuid4().hex}"
+    bare_chain(env, 10, key).apply_async()
+    bare_chord(env, 10, key).apply_async()
+    bare_chain(env, 10, key).apply_async()
+    bare_wait(env, key, 3, 90)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class Row:
+    scenario: str
+    metric: str
+    baton: float | None
+    bare: float | None
+    target: str = ""
+    ok: bool | None = None
+    note: str = ""
+    ratio: float | None = None
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ratio is None and self.baton is not None and self.bare:
+            self.ratio = self.baton / self.bare
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def scen_seq(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
+    n = size["seq"]
+    ns = env.baton_ns
+    baton: list[float] = []
+    bare: list[float] = []
+    for rep in range(reps):
+        baton.append(baton_one(env, ns.seq, n) / n * 1000)
+        key = f"seq:{uuid.uuid4().hex}"
+        sig = bare_chain(env, n, key)
+        t0 = time.time()
+        sig.apply_async()
+        bare.append((bare_wait(env, key, 1, 300)[0] - t0) / n * 1000)
+        log(f"seq rep {rep + 1}/{reps}: baton {baton[-1]:.2f} ms/step, bare {bare[-1]:.2f} ms/step "
+            f"(load {loadavg()})")
+    b, c = med(baton), med(bare)
+    return [Row("1 sequential", f"ms per step, {n} steps", b, c, "≤ 1.3x", b / c <= 1.3,
+                samples={"baton": baton, "bare": bare})]
+
+
+def scen_fan(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
+    n = size["fan"]
+    ns = env.baton_ns
+    baton: list[float] = []
+    bare: list[float] = []
+    for rep in range(reps):
+        baton.append(baton_one(env, ns.fan, n, timeout=900))
+        key = f"fan:{uuid.uuid4().hex}"
+        sig = bare_chord(env, n, key)
+        t0 = time.time()
+        sig.apply_async()
+        bare.append(bare_wait(env, key, 1, 600)[0] - t0)
+        log(f"fan rep {rep + 1}/{reps}: baton {baton[-1]:.2f} s, bare {bare[-1]:.2f} s (load {loadavg()})")
+    b, c = med(baton), med(bare)
+    return [Row("2 fan-out", f"seconds for {n} tasks + join", b, c, "≤ 1.0x", b / c <= 1.0,
+                samples={"baton": baton, "bare": bare})]
+
+
+def scen_thru(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
+    runs, steps = size["thru_runs"], size["thru_steps"]
+    total = runs * steps
+    ns = env.baton_ns
+    baton: list[float] = []
+    bare: list[float] = []
+    for rep in range(reps):
+        t0 = time.time()
+        ids = [ns.seq.start(steps).id for _ in range(runs)]
+        wait_runs(env, ids, 900, interval=0.1)
+        baton.append(total / (finished_at(env, ids) - t0))
+        key = f"thru:{uuid.uuid4().hex}"
+        sigs = [bare_chain(env, steps, key) for _ in range(runs)]
+        t0 = time.time()
+        for s in sigs:
+            s.apply_async()
+        bare.append(total / (max(bare_wait(env, key, runs, 600)) - t0))
+        log(f"thru rep {rep + 1}/{reps}: baton {baton[-1]:.0f} tasks/s, bare {bare[-1]:.0f} tasks/s "
+            f"(load {loadavg()})")
+    b, c = med(baton), med(bare)
+    return [Row("3 throughput", f"tasks/s, {runs} x {steps}-step", b, c, "≥ 0.7x", b / c >= 0.7,
+                samples={"baton": baton, "bare": bare})]
+
+
+def _window(times: dict[int, float], k: int, width: int = 20) -> float:
+    """Median latency (ms) of the ``width`` steps ending at step ``k``: decision k+1 minus decision k."""
+    lo = max(1, k - width + 1)
+    lat = [(times[s + 1] - times[s]) * 1000 for s in range(lo, k + 1) if s in times and s + 1 in times]
+    return med(lat)
+
+
+def replay_in_process(env: Env, run_id: str, profile: bool = False) -> tuple[float, float, int, str]:
+    """Seconds to load a run's whole history, and to replay it in a fresh Instance, here; with
+    ``profile``, also cProfile's top functions for the two together."""
+    import cProfile
+    import io
+    import pstats
+
+    from persistence.models import utcnow
+    from sdk.replay import Instance
+
+    store = _store(env)
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    t0 = time.perf_counter()
+    events = store.events(run_id)
+    t1 = time.perf_counter()
+    inst = Instance(env.baton_ns.long, run_id)
+    inst.activate(events, now=utcnow(), decided_seq=10**9)
+    t2 = time.perf_counter()
+    text = ""
+    if prof:
+        prof.disable()
+        buf = io.StringIO()
+        stats = pstats.Stats(prof, stream=buf)
+        stats.sort_stats("tottime").print_stats(15)
+        stats.sort_stats("cumulative").print_stats(25)
+        text = buf.getvalue()
+    return t1 - t0, t2 - t1, len(events), text
+
+
+def scen_hist(env: Env, size: dict[str, Any], reps: int, bare_too: bool = True) -> list[Row]:
+    n = size["hist"]
+    points = size["points"]
+    ns = env.baton_ns
+    h = ns.long.start(n)
+    t0 = time.time()
+    wait_for(lambda: (env.baton_w.check() if env.baton_w else None) or
+             run_rows(env, [h.id])[0].step >= n + 1, n * 0.2 + 60, f"long run to reach step {n}", 0.25)
+    baton_total = time.time() - t0
+    times = step_times(env, h.id)
+    baton_at = {k: _window(times, k) for k in points}
+    log(f"hist baton: {n} steps in {baton_total:.1f}s; " +
+        ", ".join(f"step {k}: {v:.2f} ms" for k, v in baton_at.items()))
+
+    # warm hop: signal with the worker that advanced the run up
+    t0 = time.time()
+    h.signal("warm", None)
+    wait_for(lambda: run_rows(env, [h.id])[0].step >= n + 3, 120, "warm signal hop", 0.01)
+    warm = step_times(env, h.id)[n + 2] - t0
+    # cold hop: restart the worker (a fresh process, no cached generator), warm its pools on other runs
+    env.start_baton()
+    t0 = time.time()
+    h.signal("cold", None)
+    wait_runs(env, [h.id], 120, interval=0.01)
+    cold = step_times(env, h.id)[n + 4] - t0
+    load_s, replay_s, nev, _ = replay_in_process(env, h.id)
+    if env.profile_replay:
+        log("cProfile of loading and replaying the history in this process (slower than unprofiled):\n"
+            + replay_in_process(env, h.id, profile=True)[3])
+    log(f"hist baton: warm hop {warm * 1000:.0f} ms, cold hop {cold * 1000:.0f} ms; in-process: load "
+        f"{nev} events {load_s * 1000:.0f} ms, replay {replay_s * 1000:.0f} ms")
+
+    bare_at: dict[int, float] = {}
+    if bare_too:
+        key, stamp = f"hist:{uuid.uuid4().hex}", f"stamp:{uuid.uuid4().hex}"
+        t0 = time.time()
+        bare_chain(env, n, key, stamp=stamp).apply_async()
+        bare_wait(env, key, 1, n * 0.5 + 120)
+        raw = _redis(env).lrange(stamp, 0, -1)
+        stamps = {int(x.split(b":")[0]) + 1: float(x.split(b":")[1]) for x in raw}  # 1-based step numbers
+        bare_at = {k: _window(stamps, k) if k < n else _window(stamps, k - 1) for k in points}
+        log(f"hist bare: {n} steps in {time.time() - t0:.1f}s; " +
+            ", ".join(f"step {k}: {v:.2f} ms" for k, v in bare_at.items()))
+    rows = [Row("4 history", f"ms per step around step {k}", baton_at[k], bare_at.get(k)) for k in points]
+    first, last = points[0], points[-1]
+    ratio = baton_at[last] / baton_at[first]
+    rows.append(Row("4 history", f"step {last} / step {first} (Baton)", None, None, "≤ 1.5", ratio <= 1.5,
+                    ratio=ratio))
+    rows.append(Row("4 history", f"warm signal hop at step {n + 1} (s)", warm, None))
+    rows.append(Row("4 history", f"cold resume after restart, {n}-step history (s)", cold, None, "< 0.5 s",
+                    cold < 0.5, note=f"in-process: load {nev} events {load_s:.3f} s + replay {replay_s:.3f} s"))
+    return rows
+
+
+def scen_mem(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
+    total, batch = size["mem"], size["mem_batch"]
+    env.cache_size = size["mem_cache"]
+    ns = env.baton_ns
+    env.start_baton()
+    env.start_bare()
+    assert env.baton_w is not None and env.bare_w is not None
+    base_b, base_c = env.baton_w.rss(), env.bare_w.rss()
+    samples_b: list[tuple[int, dict[str, float]]] = [(0, base_b)]
+    ids: list[str] = []
+    t0 = time.time()
+    for i in range(0, total, batch):
+        chunk = [ns.parked.start(j).id for j in range(i, min(total, i + batch))]
+        ids += chunk
+        wait_runs(env, chunk, 600, pred=lambda r: r.step >= 2, what="runs to park", interval=0.1)
+        samples_b.append((len(ids), env.baton_w.rss()))
+    parked = env.baton_w.rss()
+    for i in range(0, total, batch):
+        chunk = ids[i:i + batch]
+        for rid in chunk:
+            env.baton_ns.baton.get(rid).signal("go", None)
+        wait_runs(env, chunk, 600, interval=0.1)
+    done = env.baton_w.rss()
+    samples_b.append((2 * total, done))
+    baton_s = time.time() - t0
+    log(f"mem baton: {total} runs in {baton_s:.0f}s; RSS MB total {base_b['total']:.0f} -> parked "
+        f"{parked['total']:.0f} -> done {done['total']:.0f} (max child {done['max_child']:.0f})")
+
+    samples_c: list[tuple[int, dict[str, float]]] = [(0, base_c)]
+    key = f"mem:{uuid.uuid4().hex}"
+    t0 = time.time()
+    for i in range(0, total, batch):
+        m = min(total, i + batch) - i
+        for _ in range(m):
+            bare_chain(env, 2, key).apply_async()
+        bare_wait(env, key, m, 600)
+        samples_c.append((i + m, env.bare_w.rss()))
+    bare_done = env.bare_w.rss()
+    log(f"mem bare: {total} chains in {time.time() - t0:.0f}s; RSS MB total {base_c['total']:.0f} -> "
+        f"{bare_done['total']:.0f}")
+    half = next(s for n, s in samples_b if n >= total // 2)
+    growth = (parked["total"] - half["total"]) / (total / 2) * 1000
+    cache = env.cache_size or 1000
+    rows = [
+        Row("5 memory", f"worker RSS MB after warm-up (main + {env.concurrency} children)", base_b["total"],
+            base_c["total"]),
+        Row("5 memory", f"worker RSS MB with {total} runs parked (live generators)", parked["total"], None,
+            note=f"cache bound {cache}/process"),
+        Row("5 memory", f"worker RSS MB after {total} runs completed", done["total"], bare_done["total"]),
+        Row("5 memory", f"RSS growth MB per 1,000 runs, 2nd half of parking ({total // 2}->{total})", growth, None,
+            "bounded", growth < 2.0, note="bounded = < 2 MB per 1,000 runs once every cache is full"),
+    ]
+    rows[0].samples = {"baton": [s["total"] for _, s in samples_b], "bare": [s["total"] for _, s in samples_c]}
+    env.cache_size = None
+    return rows
+
+
+# ---------------------------------------------------------------- table
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}" if abs(x) >= 0.1 else f"{x:.3f}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| scenario | metric | Baton | bare Celery | Baton/bare | target | met |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
+        ok = "" if r.ok is None else ("yes" if r.ok else "**no**")
+        note = f" ({r.note})" if r.note else ""
+        lines.append(f"| {r.scenario} | {r.metric}{note} | {fmt(r.baton)} | {fmt(r.bare)} | {ratio} | {r.target} "
+                     f"| {ok} |")
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, str]:
+    import celery
+    import kombu
+    import sqlalchemy
+
+    cpu = "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = "?"
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1024 / 1024:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cpu": f"{os.cpu_count()} x {cpu}", "memory": mem, "os": platform.platform(),
+            "python": platform.python_version(), "celery": celery.__version__, "kombu": kombu.__version__,
+            "sqlalchemy": sqlalchemy.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes (about 2-3 minutes in all)")
+    p.add_argument("--only", default=",".join(SCENARIOS), help=f"comma-separated subset of {', '.join(SCENARIOS)}")
+    p.add_argument("--store", choices=("pg", "sqlite"), default="pg")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per scenario (default 5, quick 3)")
+    p.add_argument("--pool", default="prefork", help="worker pool for both sides (prefork, solo, threads)")
+    p.add_argument("--concurrency", "-c", type=int, default=2)
+    p.add_argument("--redis-dbs", default="11,12,13", help="Baton broker, bare broker, bare result backend")
+    p.add_argument("--bare-hist", choices=("auto", "yes", "no"), default="auto",
+                   help="run the bare chain in the history scenario too (auto: only up to 1,000 steps; a Celery "
+                        "chain message carries every remaining task, so a 5,000-task chain is slow to start)")
+    p.add_argument("--profile-replay", action="store_true",
+                   help="history scenario: also print cProfile's view of loading and replaying the long history")
+    p.add_argument("--quiet-load", type=float, default=None,
+                   help="before starting, wait (up to --quiet-wait s) until the 1-minute load average is below this")
+    p.add_argument("--quiet-wait", type=float, default=600)
+    p.add_argument("--json", default=None, help="write all measurements to this file")
+    p.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema and the worker logs")
+    for key in ("seq", "fan", "hist", "mem"):
+        p.add_argument(f"--{key}-size", type=int, default=None, help=f"override the size of scenario {key}")
+    a = p.parse_args(argv)
+    size = dict(QUICK if a.quick else FULL)
+    for key in ("seq", "fan", "hist", "mem"):
+        if getattr(a, f"{key}_size"):
+            size[key] = getattr(a, f"{key}_size")
+    if a.hist_size:
+        size["points"] = (*(k for k in (50, 500, 5000) if k < a.hist_size), a.hist_size)
+    reps = a.reps or size["reps"]
+    only = [s.strip() for s in a.only.split(",") if s.strip()]
+    for s in only:
+        if s not in SCENARIOS:
+            p.error(f"unknown scenario {s!r}; choose from {', '.join(SCENARIOS)}")
+    dbs = tuple(int(x) for x in a.redis_dbs.split(","))
+    assert len(dbs) == 3
+    if a.quiet_load is not None:
+        wait_quiet(a.quiet_load, a.quiet_wait)
+    tmp = Path(tempfile.mkdtemp(prefix="baton-bench-"))
+    env = Env(a.store, a.pool, a.concurrency, dbs, tmp, keep=a.keep)  # type: ignore[arg-type]
+    env.profile_replay = a.profile_replay
+    rows: list[Row] = []
+    started = time.time()
+    info = machine()
+    log(f"bench: {'quick' if a.quick else 'full'}, store {a.store}, pool {a.pool} -c {a.concurrency}, reps {reps}, "
+        f"scenarios {','.join(only)}; load {loadavg()}; logs in {tmp}")
+    try:
+        env.open()
+        need_workers = any(s != "mem" for s in only)
+        if need_workers:
+            env.start_baton()
+            env.start_bare()
+        for s in SCENARIOS:
+            if s not in only:
+                continue
+            t = time.time()
+            if s == "seq":
+                rows += scen_seq(env, size, reps)
+            elif s == "fan":
+                rows += scen_fan(env, size, reps)
+            elif s == "thru":
+                rows += scen_thru(env, size, reps)
+            elif s == "hist":
+                bare_hist = a.bare_hist == "yes" or (a.bare_hist == "auto" and size["hist"] <= 1000)
+                rows += scen_hist(env, size, reps, bare_too=bare_hist)
+            elif s == "mem":
+                rows += scen_mem(env, size, reps)
+            log(f"{s} done in {time.time() - t:.0f}s")
+    finally:
+        env.close()
+    elapsed = time.time() - started
+    head = (f"{'quick' if a.quick else 'full'} mode, store {a.store}, Redis broker, pool {a.pool} -c {a.concurrency}, "
+            f"medians of {reps} (history, memory: one run each), {elapsed:.0f} s in all; load average at the end "
+            f"{loadavg()}")
+    print(head)
+    print(f"machine: {info['cpu']}, {info['memory']}, {info['os']}, Python {info['python']}, Celery "
+          f"{info['celery']}, kombu {info['kombu']}, SQLAlchemy {info['sqlalchemy']}")
+    print()
+    print(table(rows))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"head": head, "machine": info, "size": {k: v for k, v in size.items()},
+                                            "rows": [r.__dict__ for r in rows]}, indent=1, default=str))
+    if not a.keep:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
