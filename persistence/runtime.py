@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, and_, insert, or_, select, update
@@ -36,7 +37,8 @@ log = logging.getLogger("baton.store")
 class Outbox:
     """What to send once the transaction has committed (commit first, then publish)."""
 
-    publish: list[str] = field(default_factory=list)  # task row ids
+    publish: list[dict[str, Any]] = field(default_factory=list)  # activity messages to send
+    republish: list[str] = field(default_factory=list)  # task row ids to load and send again
     advance: list[str] = field(default_factory=list)  # run ids
     revoke: list[str] = field(default_factory=list)  # celery task ids
     terminate: list[str] = field(default_factory=list)  # celery task ids to kill (timed out)
@@ -45,6 +47,7 @@ class Outbox:
 
     def merge(self, other: Outbox) -> None:
         self.publish += other.publish
+        self.republish += other.republish
         self.advance += other.advance
         self.revoke += other.revoke
         self.terminate += other.terminate
@@ -53,6 +56,26 @@ class Outbox:
 
 def task_id(run_id: str, step: int, slot: int, attempt: int) -> str:
     return f"{run_id}:{step}:{slot}:{attempt}"
+
+
+def run_of_task(tid: str) -> str:
+    return tid.rsplit(":", 3)[0]
+
+
+def mutable(row: Any) -> SimpleNamespace:
+    """A run row we can update in memory as this transaction appends to it."""
+    return SimpleNamespace(**row._mapping)
+
+
+def message(tid: str, run_id: str, step: int, slot: int, attempt: int, task: str, args: Any, kwargs: Any,
+            options: Any, timeout: float | None) -> dict[str, Any]:
+    return {"id": tid, "run_id": run_id, "step": step, "slot": slot, "attempt": attempt, "task": task,
+            "args": args, "kwargs": kwargs, "options": options, "timeout": timeout}
+
+
+def row_message(row: Any) -> dict[str, Any]:
+    return message(row.id, row.run_id, row.step, row.slot, row.attempt, row.task, serde.loads(row.args),
+                   serde.loads(row.kwargs), serde.loads(row.options) or {}, row.timeout)
 
 
 def next_run_id(run: Any) -> str:
@@ -66,14 +89,20 @@ def next_run_id(run: Any) -> str:
     return f"{base}@{gen + 1}"
 
 
-def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: datetime) -> Outbox:
-    """Persist one engine decision for a locked run; returns what to publish after commit."""
+def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: datetime,
+                    publisher: str | None = None) -> Outbox:
+    """Persist one engine decision for a locked run; returns what to publish after commit.
+
+    ``run.last_seq`` must include inputs appended earlier in this transaction; the run row
+    is written once, at the end. ``publisher`` (this worker's id) is stamped on the new task
+    rows: if it dies before they are published, the sweeper re-sends them.
+    """
     out = Outbox()
     rid = run.run_id
     if d.status is RunStatus.BLOCKED:
         conn.execute(update(runs).where(runs.c.run_id == rid).values(
             status=RunStatus.BLOCKED.value, error=serde.dumps(d.error, "error", None), needs_advance=False,
-            updated_at=now))
+            updated_at=now, last_seq=run.last_seq))
         return out
     terminal = d.status.terminal
     new_events = list(d.events)
@@ -91,7 +120,7 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
         new_events.append(NewEvent(kind, d.step, None, payload, key="end"))
     last = run.last_seq
     if new_events:
-        first = store._bump(conn, rid, len(new_events))
+        first = last + 1
         conn.execute(insert(events_t), [
             {"run_id": rid, "seq": first + i, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
              "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": now}
@@ -102,15 +131,21 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
         if ev.kind == "signal_received":
             conn.execute(update(signals_t).where(signals_t.c.id == ev.payload["signal_id"])
                          .values(consumed_step=ev.step))
-    for a in d.activities:
-        tid = task_id(rid, a.step, a.slot, a.attempt)
-        conn.execute(insert(tasks_t).values(
-            id=tid, run_id=rid, step=a.step, slot=a.slot, attempt=a.attempt, task=a.task,
-            args=serde.dumps(a.args, "args", None), kwargs=serde.dumps(a.kwargs, "kwargs", None),
-            options=serde.dumps(a.options, "options", None), timeout=a.timeout, state="scheduled",
-            not_before=a.not_before, created_at=now))
-        if a.not_before is None or a.not_before <= now:
-            out.publish.append(tid)
+    if d.activities:
+        rows = []
+        for a in d.activities:
+            tid = task_id(rid, a.step, a.slot, a.attempt)
+            inline = a.not_before is None or a.not_before <= now
+            rows.append({"id": tid, "run_id": rid, "step": a.step, "slot": a.slot, "attempt": a.attempt,
+                         "task": a.task, "args": serde.dumps(a.args, "args", None),
+                         "kwargs": serde.dumps(a.kwargs, "kwargs", None),
+                         "options": serde.dumps(a.options, "options", None), "timeout": a.timeout,
+                         "state": "scheduled", "worker": publisher, "dispatches": 1 if inline else 0,
+                         "not_before": a.not_before, "created_at": now, "published_at": now if inline else None})
+            if inline:
+                out.publish.append(message(tid, rid, a.step, a.slot, a.attempt, a.task, a.args, a.kwargs,
+                                           a.options, a.timeout))
+        conn.execute(insert(tasks_t), rows)
     if d.timers:
         conn.execute(insert(timers_t), [
             {"run_id": rid, "step": t.step, "slot": t.slot, "attempt": 0, "kind": t.kind, "fire_at": t.fire_at,
@@ -125,15 +160,18 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
     for x in d.cancels:
         _cancel_leaf(conn, rid, x.step, x.slot, x.kind, x.child_run_id, out)
     base = serde.loads(run.locals) if run.locals else None
+    ck_rows = []
     for ck in d.checkpoints:
         change = cp.delta(base, ck.locals)
-        conn.execute(insert(checkpoints_t).values(
-            run_id=rid, step=ck.step, file=ck.position["file"][-1024:], line=ck.position["line"],
-            function=ck.position["function"][:255], locals_delta=serde.dumps(change, "locals", None),
-            waiting=serde.dumps(ck.waiting_on, "waiting", None), at=now))
+        ck_rows.append({"run_id": rid, "step": ck.step, "file": ck.position["file"][-1024:],
+                        "line": ck.position["line"], "function": ck.position["function"][:255],
+                        "locals_delta": serde.dumps(change, "locals", None),
+                        "waiting": serde.dumps(ck.waiting_on, "waiting", None), "at": now})
         base = ck.locals
-    values: dict[str, Any] = {"decided_seq": last, "needs_advance": False, "updated_at": now, "step": d.step,
-                              "status": d.status.value,
+    if ck_rows:
+        conn.execute(insert(checkpoints_t), ck_rows)
+    values: dict[str, Any] = {"decided_seq": last, "last_seq": last, "needs_advance": False, "updated_at": now,
+                              "step": d.step, "status": d.status.value,
                               "waiting": serde.dumps(d.waiting_on, "waiting", None)}
     if d.checkpoints:
         last_ck = d.checkpoints[-1]
@@ -168,7 +206,7 @@ def _cancel_leaf(conn: Connection, rid: str, step: int, slot: int, kind: str, ch
     if kind == "activity":
         ids = [r.id for r in conn.execute(select(tasks_t.c.id).where(
             tasks_t.c.run_id == rid, tasks_t.c.step == step, tasks_t.c.slot == slot,
-            tasks_t.c.state.in_(("scheduled", "published", "started"))))]
+            tasks_t.c.state.in_(("scheduled", "started"))))]
         if ids:
             conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="cancelled"))
             out.revoke += ids
@@ -184,7 +222,7 @@ def _cancel_leaf(conn: Connection, rid: str, step: int, slot: int, kind: str, ch
 def _close_outstanding(conn: Connection, run: Any, out: Outbox, cancel_children: bool) -> None:
     rid = run.run_id
     ids = [r.id for r in conn.execute(select(tasks_t.c.id).where(
-        tasks_t.c.run_id == rid, tasks_t.c.state.in_(("scheduled", "published", "started"))))]
+        tasks_t.c.run_id == rid, tasks_t.c.state.in_(("scheduled", "started"))))]
     if ids:
         conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="cancelled"))
         out.revoke += ids
@@ -209,32 +247,35 @@ def _notify_parent(store: Store, conn: Connection, run: Any, d: Decision, out: O
         out.advance.append(parent.run_id)
 
 
-def record_attempt(store: Store, conn: Connection, tid: str, ok: bool, value: Any) -> Any:
-    """Record an attempt's outcome (once); returns the locked run, or None for a duplicate."""
-    task = conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first()
-    if task is None:
+def record_attempt(conn: Connection, store: Store, tid: str, ok: bool, value: Any,
+                   now: datetime) -> tuple[SimpleNamespace, Event] | None:
+    """Record an attempt's outcome once, on the hot path.
+
+    Returns the locked run (``last_seq`` including the new event) and the event, or None for
+    a late or duplicate result. The task row's state is the idempotency check (under the run
+    lock); the unique ``(run_id, key)`` index backs it up.
+    """
+    row = store.lock_run(conn, run_of_task(tid))
+    task = conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first() if row is not None else None
+    if row is None or task is None:
         log.warning("baton: result for unknown task %s ignored", tid)
         return None
-    run = store.lock_run(conn, task.run_id)
-    task = conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first()
-    if run is None or task is None or task.state in ("done", "failed", "cancelled"):
-        log.info("baton: late or duplicate result for %s ignored (task state %s)", tid,
-                 task.state if task else "?")
+    if task.state in ("done", "failed", "cancelled") or RunStatus(row.status).terminal:
+        log.info("baton: late or duplicate result for %s ignored (attempt already %s, run %s)", tid, task.state,
+                 row.status)
         return None
-    payload: dict[str, Any] = {"attempt": task.attempt}
-    if ok:
-        payload["result"] = value
-    else:
-        payload["error"] = value
+    payload: dict[str, Any] = {"attempt": task.attempt, "result" if ok else "error": value}
     kind = "activity_completed" if ok else "activity_failed"
-    appended = store.append_input(conn, run, kind, step=task.step, slot=task.slot, payload=payload,
-                                  key=f"att:{task.step}:{task.slot}:{task.attempt}", name=task.task)
-    conn.execute(update(tasks_t).where(tasks_t.c.id == tid).values(
-        state="done" if ok else "failed", finished_at=utcnow()))
-    if not appended:
-        log.info("baton: result for %s ignored: this attempt already has an outcome", tid)
-        return None
-    return store.lock_run(conn, task.run_id)
+    key = f"att:{task.step}:{task.slot}:{task.attempt}"
+    run = mutable(row)
+    run.last_seq += 1
+    run.needs_advance = True
+    conn.execute(insert(events_t).values(run_id=row.run_id, seq=run.last_seq, kind=kind, step=task.step,
+                                         slot=task.slot, name=task.task, key=key,
+                                         payload=serde.dumps(payload, "event", None), at=now))
+    conn.execute(update(tasks_t).where(tasks_t.c.id == tid).values(state="done" if ok else "failed",
+                                                                   finished_at=now))
+    return run, Event(run.last_seq, kind, task.step, task.slot, payload, now, key, task.task)
 
 
 def fire_timer(store: Store, conn: Connection, timer_id: int, out: Outbox) -> bool:
@@ -267,20 +308,6 @@ def fire_timer(store: Store, conn: Connection, timer_id: int, out: Outbox) -> bo
     return ok
 
 
-def add_attempt_timeout(conn: Connection, tid: str, now: datetime) -> None:
-    """Arm the per-attempt timeout of a task that just started."""
-    task = conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first()
-    if task is None or task.timeout is None:
-        return
-    exists = conn.execute(select(timers_t.c.id).where(
-        timers_t.c.run_id == task.run_id, timers_t.c.step == task.step, timers_t.c.slot == task.slot,
-        timers_t.c.attempt == task.attempt, timers_t.c.kind == "attempt_timeout")).first()
-    if exists is None:
-        conn.execute(insert(timers_t).values(run_id=task.run_id, step=task.step, slot=task.slot,
-                                             attempt=task.attempt, kind="attempt_timeout",
-                                             fire_at=now + timedelta(seconds=task.timeout), fired=False))
-
-
 # ---------------------------------------------------------------- sweeper queries
 
 
@@ -296,28 +323,31 @@ def next_timer_due(conn: Connection) -> datetime | None:
 
 
 def reclaim_dead_workers(conn: Connection, now: datetime, dead_after: float) -> tuple[list[str], list[str]]:
-    """Forget workers whose heartbeat is stale; return (their workers, their tasks to re-dispatch)."""
+    """Forget workers whose heartbeat is stale; return (those workers, attempts to send again).
+
+    A dead worker's attempts are those it had started, and those it had committed but
+    perhaps not yet published (its id is stamped on the rows it scheduled until a worker
+    starts them).
+    """
     cutoff = now - timedelta(seconds=dead_after)
     dead = [r.id for r in conn.execute(select(workers_t.c.id).where(workers_t.c.last_beat < cutoff))]
     if not dead:
         return [], []
     ids = [r.id for r in conn.execute(select(tasks_t.c.id).where(
-        tasks_t.c.worker.in_(dead), tasks_t.c.state == "started"))]
+        tasks_t.c.worker.in_(dead), tasks_t.c.state.in_(("started", "scheduled")),
+        or_(tasks_t.c.not_before.is_(None), tasks_t.c.published_at.is_not(None))))]
     if ids:
-        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="scheduled", worker=None,
-                                                                          published_at=None))
+        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="scheduled", worker=None))
     conn.execute(workers_t.delete().where(workers_t.c.id.in_(dead)))
     return dead, ids
 
 
-def tasks_to_publish(conn: Connection, now: datetime, grace: float, lost_after: float,
-                     limit: int = 500) -> list[str]:
-    """Outbox rows never published (a crash after commit), due retries, and messages presumed lost."""
-    q = select(tasks_t.c.id).where(or_(
-        and_(tasks_t.c.state == "scheduled", tasks_t.c.not_before.is_not(None), tasks_t.c.not_before <= now),
-        and_(tasks_t.c.state == "scheduled", tasks_t.c.not_before.is_(None),
-             tasks_t.c.created_at <= now - timedelta(seconds=grace)),
-        and_(tasks_t.c.state == "published", tasks_t.c.published_at <= now - timedelta(seconds=lost_after)),
+def tasks_to_publish(conn: Connection, now: datetime, lost_after: float, limit: int = 500) -> list[str]:
+    """Retries whose backoff has passed, and attempts published long ago that nobody started
+    (a message lost with the broker's memory)."""
+    q = select(tasks_t.c.id).where(tasks_t.c.state == "scheduled", or_(
+        and_(tasks_t.c.published_at.is_(None), tasks_t.c.not_before <= now),
+        tasks_t.c.published_at <= now - timedelta(seconds=lost_after),
     )).limit(limit)
     return [r.id for r in conn.execute(q)]
 
@@ -345,17 +375,26 @@ def orphaned_children(conn: Connection, limit: int = 100) -> list[str]:
 def mark_published(conn: Connection, ids: list[str], now: datetime) -> None:
     if ids:
         conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids), tasks_t.c.state == "scheduled")
-                     .values(state="published", published_at=now, dispatches=tasks_t.c.dispatches + 1))
+                     .values(published_at=now, dispatches=tasks_t.c.dispatches + 1))
 
 
-def mark_started(conn: Connection, tid: str, worker: str, now: datetime) -> Any:
-    """Claim an attempt for a worker; None if it is finished, cancelled or unknown."""
-    n = conn.execute(update(tasks_t).where(tasks_t.c.id == tid,
-                                           tasks_t.c.state.in_(("scheduled", "published", "started")))
+def mark_started(conn: Connection, tid: str, worker: str, now: datetime) -> bool:
+    """Claim an attempt for a worker; False if it is finished, cancelled or unknown."""
+    n = conn.execute(update(tasks_t).where(tasks_t.c.id == tid, tasks_t.c.state.in_(("scheduled", "started")))
                      .values(state="started", worker=worker, started_at=now)).rowcount
-    if n == 0:
-        return None
-    return conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first()
+    return bool(n)
+
+
+def add_attempt_timeout(conn: Connection, tid: str, timeout: float, now: datetime) -> None:
+    """Arm the per-attempt timeout of a task that just started (once per attempt)."""
+    run_id, step, slot, attempt = tid.rsplit(":", 3)
+    exists = conn.execute(select(timers_t.c.id).where(
+        timers_t.c.run_id == run_id, timers_t.c.step == int(step), timers_t.c.slot == int(slot),
+        timers_t.c.attempt == int(attempt), timers_t.c.kind == "attempt_timeout")).first()
+    if exists is None:
+        conn.execute(insert(timers_t).values(run_id=run_id, step=int(step), slot=int(slot), attempt=int(attempt),
+                                             kind="attempt_timeout", fire_at=now + timedelta(seconds=timeout),
+                                             fired=False))
 
 
 def inbox(conn: Connection, run_id: str) -> list[tuple[int, str, Any]]:

@@ -267,6 +267,12 @@ class Store:
                      .values(needs_advance=True, advance_requested_at=now, updated_at=now))
         return True
 
+    def touch_run(self, conn: Connection, run_id: str, last_seq: int) -> None:
+        """Keep a run flagged for the sweeper after appending to it without deciding."""
+        now = utcnow()
+        conn.execute(update(runs).where(runs.c.run_id == run_id).values(
+            last_seq=last_seq, needs_advance=True, advance_requested_at=now, updated_at=now))
+
     def _bump(self, conn: Connection, run_id: str, n: int) -> int:
         """Reserve ``n`` seqs on a locked run; returns the first."""
         cur = conn.execute(select(runs.c.last_seq).where(runs.c.run_id == run_id)).scalar_one()

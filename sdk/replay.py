@@ -124,7 +124,7 @@ class Instance:
         *,
         now: datetime,
         decided_seq: int,
-        inbox: Sequence[InboxSignal] = (),
+        inbox: Sequence[InboxSignal] | Callable[[], Sequence[InboxSignal]] = (),
     ) -> Decision:
         """Apply ``events`` (all with ``seq`` > ``self.seq``) and decide what happens next.
 
@@ -133,7 +133,8 @@ class Instance:
             now: the clock for frontier decisions (recorded, so replay never reads it).
             decided_seq: inputs at or below it were already acted on by a committed decision,
                 so their side effects (cancelling losers) are not repeated.
-            inbox: unconsumed signals, oldest first, offered to a signal wait at the frontier.
+            inbox: unconsumed signals, oldest first, offered to a signal wait at the frontier
+                (or a function returning them, called only if a wait is reached).
         """
         if self.poisoned:
             raise BatonError(f"run {self.run_id}: this engine instance is blocked; build a fresh one")
@@ -315,7 +316,12 @@ class Instance:
             elif isinstance(leaf, Timer | SignalWait):
                 self._d.cancels.append(CancelTask(cur.number, slot, "timer"))
 
-    def _offer_inbox(self, inbox: Sequence[InboxSignal]) -> None:
+    def _offer_inbox(self, source: Sequence[InboxSignal] | Callable[[], Sequence[InboxSignal]]) -> None:
+        cur = self.current
+        if self.finished or cur is None or cur.done or not any(
+                isinstance(leaf, SignalWait) and cur.outcomes[i] is None for i, leaf in enumerate(cur.spec.leaves)):
+            return
+        inbox = source() if callable(source) else source
         taken: set[int] = set()
         progressed = True
         while progressed and not self.finished and self.current is not None and not self.current.done:
@@ -545,7 +551,8 @@ def _fmt(desc: Any) -> str:
 
 
 def replay(definition: Definition, run_id: str, events: Sequence[Event], *, now: datetime,
-           decided_seq: int, inbox: Sequence[InboxSignal] = ()) -> tuple[Instance, Decision]:
+           decided_seq: int, inbox: Sequence[InboxSignal] | Callable[[], Sequence[InboxSignal]] = ()
+           ) -> tuple[Instance, Decision]:
     """Build a fresh instance and feed it a whole history (the cache-miss path)."""
     inst = Instance(definition, run_id)
     return inst, inst.activate(events, now=now, decided_seq=decided_seq, inbox=inbox)

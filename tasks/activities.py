@@ -23,7 +23,7 @@ from sdk import serde
 from sdk.errors import SerializationError
 
 from . import advance as adv
-from .dispatch import HEADER_RUN
+from .dispatch import HEADER_RUN, HEADER_TIMEOUT
 from .faults import fault
 
 if TYPE_CHECKING:
@@ -62,9 +62,11 @@ def connect(runtime: Runtime) -> None:
     signals.worker_init.connect(_remember_main_pid, weak=False)
 
     def prerun(sender: Any = None, task_id: str = "", task: Any = None, **_: Any) -> None:
-        if task is None or task.app is not runtime.app or baton_headers(task) is None:
+        if task is None or task.app is not runtime.app:
             return
-        on_prerun(runtime, task_id, task)
+        headers = baton_headers(task)
+        if headers is not None:
+            on_prerun(runtime, task_id, task, headers)
 
     def postrun(sender: Any = None, task_id: str = "", task: Any = None, retval: Any = None,
                 state: str = "", **_: Any) -> None:
@@ -76,18 +78,18 @@ def connect(runtime: Runtime) -> None:
     signals.task_postrun.connect(postrun, weak=False)
 
 
-def on_prerun(runtime: Runtime, task_id: str, task: Any) -> None:
+def on_prerun(runtime: Runtime, task_id: str, task: Any, headers: dict[str, Any]) -> None:
     store = runtime.store
     me = worker_id(str(task.request.hostname or "unknown"))
     now = utcnow()
+    timeout = headers.get(HEADER_TIMEOUT)
     try:
         with store.tx() as conn:
-            row = rt.mark_started(conn, task_id, me, now)
-            if row is None:
+            if not rt.mark_started(conn, task_id, me, now):
                 _duplicates.add(task_id)
                 return
-            if row.timeout is not None:
-                rt.add_attempt_timeout(conn, task_id, now)
+            if timeout:
+                rt.add_attempt_timeout(conn, task_id, float(timeout), now)
     except Exception as exc:  # the run still completes: the result is recorded in postrun
         log.warning("baton: could not mark %s started: %s", task_id, exc)
 
@@ -118,12 +120,12 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
     store = runtime.store
 
     def record(conn: Connection) -> Any:
-        return rt.record_attempt(store, conn, task_id, ok, value)
+        return rt.record_attempt(conn, store, task_id, ok, value, utcnow())
 
-    run_id = task_id.rsplit(":", 3)[0]
     fault("before_record")
     try:
-        adv.advance(runtime, run_id, before=record)
+        adv.advance(runtime, rt.run_of_task(task_id), before=record,
+                    publisher=worker_id(str(task.request.hostname or "unknown")))
     except Exception:
         # Never let Celery ack a message whose result we could not record: die, and the
         # message is redelivered (and the sweeper re-dispatches the attempt).

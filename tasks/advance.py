@@ -18,7 +18,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from persistence import runtime as rt
 from persistence.models import utcnow
 from sdk.errors import WorkflowNotFound
-from sdk.events import RunStatus
+from sdk.events import Event, RunStatus
 from sdk.replay import InboxSignal, Instance
 
 from . import dispatch
@@ -32,9 +32,10 @@ log = logging.getLogger("baton.advance")
 DB_RETRY_SECONDS = 90.0  # how long a worker keeps retrying through a database outage
 
 
-def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] | None = None) -> None:
-    """Advance ``run_id``; ``before(conn)`` runs first in the same transaction and returns the
-    locked run row (or None to stop), e.g. to record an activity's result."""
+def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] | None = None,
+            publisher: str | None = None) -> None:
+    """Advance ``run_id``; ``before(conn)`` runs first in the same transaction and returns
+    ``(locked run, appended event)`` (or None to stop), e.g. to record an activity's result."""
     store = runtime.store
     deadline = time.monotonic() + DB_RETRY_SECONDS
     delay = 0.05
@@ -42,10 +43,18 @@ def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] |
         inst: Instance | None = None
         try:
             with store.tx() as conn:
-                run = before(conn) if before is not None else store.lock_run(conn, run_id)
-                if run is None:
-                    return
-                out, inst, status = _decide(runtime, conn, run)
+                appended: Event | None = None
+                if before is not None:
+                    got = before(conn)
+                    if got is None:
+                        return
+                    run, appended = got
+                else:
+                    row = store.lock_run(conn, run_id)
+                    if row is None:
+                        return
+                    run = rt.mutable(row)
+                out, inst, status = _decide(runtime, conn, run, appended, publisher)
             if inst is not None and status is RunStatus.RUNNING:
                 inst.seq = out.last_seq
                 runtime.cache.put(run_id, inst)
@@ -65,7 +74,9 @@ def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] |
             raise
 
 
-def _decide(runtime: Runtime, conn: Connection, run: Any) -> tuple[rt.Outbox, Instance | None, RunStatus]:
+def _decide(runtime: Runtime, conn: Connection, run: Any, appended: Event | None,
+            publisher: str | None) -> tuple[rt.Outbox, Instance | None, RunStatus]:
+    store = runtime.store
     status = RunStatus(run.status)
     if status.terminal or status is RunStatus.BLOCKED:
         return rt.Outbox(), None, status
@@ -74,18 +85,21 @@ def _decide(runtime: Runtime, conn: Connection, run: Any) -> tuple[rt.Outbox, In
     try:
         defn = runtime.definition(run.workflow)
     except WorkflowNotFound as exc:
-        # Another worker may have the code; leave the run flagged so the sweeper re-drives it.
+        # Another worker may have the code; keep the run flagged so the sweeper re-drives it.
         log.error("baton: cannot advance run %s: %s", run.run_id, exc)
+        store.touch_run(conn, run.run_id, run.last_seq)
         return rt.Outbox(), None, status
-    store = runtime.store
     inst = runtime.cache.take(run.run_id)
     if inst is None or inst.poisoned or inst.finished or inst.seq > run.last_seq or inst.definition is not defn:
         inst = Instance(defn, run.run_id, runtime.baton.max_payload_bytes)
-    events = store.events(run.run_id, after=inst.seq, conn=conn)
-    inbox = [InboxSignal(i, n, p) for i, n, p in rt.inbox(conn, run.run_id)]
+    if appended is not None and inst.seq == appended.seq - 1:
+        events = [appended]  # cache hit: the only new event is the one this transaction wrote
+    else:
+        events = store.events(run.run_id, after=inst.seq, conn=conn)
     now = utcnow()
-    decision = inst.activate(events, now=now, decided_seq=run.decided_seq, inbox=inbox)
+    decision = inst.activate(events, now=now, decided_seq=run.decided_seq,
+                             inbox=lambda: [InboxSignal(i, n, p) for i, n, p in rt.inbox(conn, run.run_id)])
     if decision.status is RunStatus.BLOCKED:
         log.error("baton: run %s blocked: %s", run.run_id, (decision.error or {}).get("message"))
-    out = rt.commit_decision(store, conn, run, decision, now)
+    out = rt.commit_decision(store, conn, run, decision, now, publisher)
     return out, inst, decision.status

@@ -16,7 +16,6 @@ from sqlalchemy import select
 from persistence import runtime as rt
 from persistence.models import utcnow
 from persistence.store import tasks_t
-from sdk import serde
 
 from .faults import fault
 
@@ -27,42 +26,42 @@ log = logging.getLogger("baton.dispatch")
 
 HEADER_RUN = "baton_run"
 HEADER_STEP = "baton_step"
+HEADER_TIMEOUT = "baton_timeout"
 
 
-def publish_tasks(runtime: Runtime, ids: list[str]) -> int:
-    """Publish activity attempts by row id and mark them published; returns how many went out."""
+def publish(runtime: Runtime, messages: list[dict[str, Any]]) -> None:
+    """Send activity attempts (their rows are already committed)."""
+    for msg in messages:
+        options = dict(msg["options"] or {})
+        if msg["attempt"] > 1:
+            options.pop("countdown", None)  # a retry waited on not_before, not on the broker
+        kwargs = msg["kwargs"]
+        shown = {**kwargs, "baton_run": msg["run_id"], "baton_step": msg["step"]}
+        if msg["slot"]:
+            shown["baton_slot"] = msg["slot"]
+        if msg["attempt"] > 1:
+            shown["baton_attempt"] = msg["attempt"]
+        headers = {HEADER_RUN: msg["run_id"], HEADER_STEP: msg["step"], "baton_slot": msg["slot"],
+                   "baton_attempt": msg["attempt"]}
+        if msg["timeout"]:
+            headers[HEADER_TIMEOUT] = msg["timeout"]
+        runtime.app.send_task(msg["task"], args=msg["args"], kwargs=kwargs, task_id=msg["id"], headers=headers,
+                              argsrepr=repr(tuple(msg["args"])), kwargsrepr=repr(shown), **options)
+        if len(messages) > 1 and msg is messages[len(messages) // 2]:
+            fault("mid_fanout_publish")
+
+
+def republish(runtime: Runtime, ids: list[str]) -> int:
+    """Send again attempts the sweeper found unsent or lost; returns how many went out."""
     if not ids:
         return 0
     store = runtime.store
     with store.read() as conn:
-        rows = list(conn.execute(select(tasks_t).where(tasks_t.c.id.in_(ids))))
-    sent: list[str] = []
-    for row in rows:
-        if row.state not in ("scheduled", "published"):
-            continue
-        args = serde.loads(row.args)
-        kwargs = serde.loads(row.kwargs)
-        options: dict[str, Any] = dict(serde.loads(row.options) or {})
-        if row.attempt > 1:
-            options.pop("countdown", None)  # a retry waits on not_before, not on the broker
-        shown = {**kwargs, "baton_run": row.run_id, "baton_step": row.step}
-        if row.slot:
-            shown["baton_slot"] = row.slot
-        if row.attempt > 1:
-            shown["baton_attempt"] = row.attempt
-        runtime.app.send_task(
-            row.task, args=args, kwargs=kwargs, task_id=row.id,
-            headers={HEADER_RUN: row.run_id, HEADER_STEP: row.step, "baton_slot": row.slot,
-                     "baton_attempt": row.attempt},
-            argsrepr=repr(tuple(args)), kwargsrepr=repr(shown), **options,
-        )
-        sent.append(row.id)
-        if len(sent) == len(rows) // 2:
-            fault("mid_fanout_publish")
-    if sent:
-        with store.tx() as conn:
-            rt.mark_published(conn, sent, utcnow())
-    return len(sent)
+        rows = [r for r in conn.execute(select(tasks_t).where(tasks_t.c.id.in_(ids))) if r.state == "scheduled"]
+    publish(runtime, [rt.row_message(r) for r in rows])
+    with store.tx() as conn:
+        rt.mark_published(conn, [r.id for r in rows], utcnow())
+    return len(rows)
 
 
 def advance_runs(runtime: Runtime, run_ids: list[str]) -> None:
@@ -83,12 +82,14 @@ def send(runtime: Runtime, out: rt.Outbox) -> None:
     """Carry out an outbox after its transaction committed."""
     from .wiring import cancel_run
 
-    publish_tasks(runtime, out.publish)
+    publish(runtime, out.publish)
+    republish(runtime, out.republish)
     revoke(runtime, out.revoke)
     revoke(runtime, out.terminate, terminate=True)
     more = rt.Outbox()
     for run_id, reason in out.cancel_runs:
         cancel_run(runtime.store, run_id, reason, more)
     advance_runs(runtime, out.advance + more.advance)
-    if more.publish or more.revoke or more.cancel_runs:
-        send(runtime, rt.Outbox(publish=more.publish, revoke=more.revoke, cancel_runs=more.cancel_runs))
+    if more.publish or more.republish or more.revoke or more.cancel_runs:
+        send(runtime, rt.Outbox(publish=more.publish, republish=more.republish, revoke=more.revoke,
+                                cancel_runs=more.cancel_runs))

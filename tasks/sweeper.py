@@ -1,8 +1,8 @@
 """Recovery without beat: a thread in every worker's main process.
 
 Each tick writes this worker's heartbeat; the worker holding the ``sweeper`` lease then
-fires due timers, re-dispatches attempts held by dead workers (stale heartbeat), publishes
-outbox rows a crash left unpublished, re-sends messages presumed lost, and re-drives runs
+fires due timers, re-dispatches attempts held by dead workers (stale heartbeat) and those
+they committed but may not have published, re-sends messages presumed lost, and re-drives runs
 whose advance was lost. Every action is idempotent, so a lease handed over mid-tick costs
 at most a duplicate message.
 
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("baton.sweeper")
 
-PUBLISH_GRACE = 5.0  # seconds an outbox row may stay unpublished before the sweeper sends it
 STALE_RUN_GRACE = 10.0  # seconds a run may wait for its advance before it is re-driven
 
 
@@ -85,16 +84,16 @@ class Sweeper:
         if dead:
             log.warning("baton: worker(s) %s stopped heartbeating; re-dispatching %d attempt(s)",
                         ", ".join(dead), len(redo))
-        out.publish += redo
+        out.republish += redo
         with store.read() as conn:
-            out.publish += rt.tasks_to_publish(conn, now, PUBLISH_GRACE, baton.lost_after)
+            out.republish += rt.tasks_to_publish(conn, now, baton.lost_after)
         with store.tx() as conn:
             stale = rt.stale_runs(conn, now, STALE_RUN_GRACE)
         out.advance += stale
         with store.read() as conn:
             out.cancel_runs += [(r, "its parent run ended") for r in rt.orphaned_children(conn)]
         self.recoveries += len(redo) + len(stale)
-        out.publish = list(dict.fromkeys(out.publish))
+        out.republish = list(dict.fromkeys(out.republish))
         dispatch.send(self.runtime, out)
         return out
 

@@ -118,3 +118,26 @@ def cluster_wait_step(cluster: Cluster, run, step: int):  # type: ignore[no-unty
 def test_activity_error_surface() -> None:
     err = ActivityError("t.x", "ValueError", "nope", "tb")
     assert err.task_name == "t.x" and err.error_type == "ValueError" and "nope" in str(err)
+
+
+def _shape(run) -> list[tuple[str, int | None, int | None, str]]:  # type: ignore[no-untyped-def]
+    out = []
+    for e in run.history():
+        payload = {k: v for k, v in e.payload.items() if k not in ("line",)}
+        out.append((e.kind, e.step, e.slot, repr(sorted(payload.items()))))
+    return out
+
+
+def test_cache_hit_and_cache_miss_give_identical_histories(cluster: Cluster) -> None:
+    """The same workflow advanced by live cached generators and by replay on every step."""
+    cached_worker = cluster.start_worker(concurrency=1, pool="solo")
+    a = cluster.ns.gathers.start(workflow_id="cache-on")
+    b = cluster.ns.sequence.start(6, workflow_id="seq-on")
+    a.result(timeout=30), b.result(timeout=30)
+    cluster.kill(cached_worker)
+    cluster.start_worker(concurrency=1, pool="solo", BATON_TEST_CACHE_SIZE="0")
+    c = cluster.ns.gathers.start(workflow_id="cache-off")
+    d = cluster.ns.sequence.start(6, workflow_id="seq-off")
+    assert c.result(timeout=30) == a.result() and d.result(timeout=30) == b.result() == 6
+    assert _shape(a) == _shape(c)
+    assert _shape(b) == _shape(d)
