@@ -108,11 +108,16 @@ class Store:
                         conn.execute(insert(meta_t).values(key="schema_version", value=str(SCHEMA_VERSION)))
                 except IntegrityError:
                     found = str(SCHEMA_VERSION)
-            elif int(found) != SCHEMA_VERSION:
+            elif int(found) < SCHEMA_VERSION:
                 raise StoreError(
                     f"database {dialect.safe_url(self.url)} has Baton schema version {found}, this code "
-                    f"needs {SCHEMA_VERSION}; run `baton migrate` against it (or point BATON_DATABASE_URL "
-                    "at a new database) before starting workers"
+                    f"needs {SCHEMA_VERSION}; stop the workers and run `baton -A <app> migrate` (or "
+                    "persistence.migrations.migrate(url)) against it, then start them again"
+                )
+            elif int(found) > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {dialect.safe_url(self.url)} has Baton schema version {found}, newer than this "
+                    f"code ({SCHEMA_VERSION}); upgrade Baton on this machine to match the other workers"
                 )
         self._schema_ok = True
 

@@ -1,0 +1,52 @@
+"""Schema migrations, applied explicitly (``baton migrate`` or :func:`migrate`), never
+silently by a worker: changing a shared production schema is an operator's decision.
+
+``MIGRATIONS[v]`` upgrades a database from version ``v`` to ``v + 1``. Version 1 is the
+first schema, so the table is empty today; the mechanism and its error messages are
+what a database written by an older Baton meets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Connection, select, update
+
+from sdk.errors import StoreError
+
+from . import dialect
+from .models import SCHEMA_VERSION, MetaRow
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+meta_t = MetaRow.__table__  # type: ignore[attr-defined]
+
+
+def current_version(conn: Connection) -> int:
+    found = conn.execute(select(meta_t.c.value).where(meta_t.c.key == "schema_version")).scalar()
+    return int(found or 0)
+
+
+def migrate(url: str) -> list[int]:
+    """Bring the database at ``url`` to this code's schema; returns the versions applied."""
+    engine = dialect.make_engine(url, writer=True)
+    applied: list[int] = []
+    try:
+        with engine.begin() as conn:
+            MetaRow.metadata.create_all(conn, checkfirst=True)
+            version = current_version(conn) or SCHEMA_VERSION
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {dialect.safe_url(url)} has schema version {version}, newer than this Baton "
+                    f"({SCHEMA_VERSION}); upgrade Baton instead of migrating down")
+            while version < SCHEMA_VERSION:
+                step = MIGRATIONS.get(version)
+                if step is None:
+                    raise StoreError(f"no migration from schema version {version}; restore a backup or start "
+                                     "a new database")
+                step(conn)
+                version += 1
+                applied.append(version)
+            conn.execute(update(meta_t).where(meta_t.c.key == "schema_version").values(value=str(version)))
+    finally:
+        engine.dispose()
+    return applied
