@@ -1,0 +1,264 @@
+"""Checkpoints: where the generator stands at each yield, and a bounded JSON view of its locals."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sdk import checkpoint as cp
+from sdk import now, serde
+from sdk.events import RunStatus
+
+from .builder import T0, Sim, line_of, sig, started, workflow
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "<Opaque thing>"
+
+
+class Broken:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def checkpoint_of(flow, *args):
+    d = started(*args).replay(flow)
+    assert d.checkpoints, d
+    return d.checkpoints[-1]
+
+
+def test_a_checkpoint_names_file_line_function_and_what_it_waits_on():
+    @workflow
+    def shop(item):
+        qty = 2
+        yield sig("t.buy", item, qty)
+
+    ck = checkpoint_of(shop, "tea")
+
+    assert ck.step == 1 and ck.at == T0
+    assert ck.position == {"file": __file__, "line": line_of(shop, "yield sig"), "function": "shop"}
+    assert ck.locals == {"item": "tea", "qty": 2}
+    assert ck.waiting_on == [{"kind": "activity", "name": "t.buy", "digest": ck.waiting_on[0]["digest"],
+                              "slot": 0, "attempt": 1}]
+
+
+def test_every_step_of_one_decision_has_its_checkpoint():
+    @workflow
+    def stamped():
+        a = yield now()
+        b = yield sig("t.x", a.isoformat())
+        return b
+
+    d = started().replay(stamped)
+
+    assert [(c.step, c.position["line"]) for c in d.checkpoints] == [
+        (1, line_of(stamped, "yield now()")), (2, line_of(stamped, 'yield sig("t.x"'))]
+    assert d.checkpoints[0].locals == {}
+    assert d.checkpoints[1].locals == {"a": repr(T0)}, "a datetime is not JSON: its repr"
+
+
+def test_locals_that_json_cannot_carry_appear_as_a_repr():
+    @workflow
+    def odd():
+        thing = Opaque()  # noqa: F841
+        tags = {"a"}  # noqa: F841
+        broken = Broken()  # noqa: F841
+        nan = math.nan  # noqa: F841
+        yield sig("t.x")
+
+    ck = checkpoint_of(odd)
+
+    assert ck.locals["thing"] == "<Opaque thing>"
+    assert ck.locals["tags"] == "{'a'}"
+    assert ck.locals["broken"] == "<unrepresentable Broken: RuntimeError>"
+    assert ck.locals["nan"] == "nan"
+    serde.dumps(ck.locals, "locals", None)
+
+
+def test_a_one_megabyte_local_is_stored_as_a_capped_repr():
+    @workflow
+    def hoard():
+        blob = "x" * 1_000_000
+        rows = [{"i": i} for i in range(5_000)]
+        yield sig("t.x", len(blob), len(rows))
+
+    ck = checkpoint_of(hoard)
+
+    assert len(ck.locals["blob"]) == cp.MAX_REPR_CHARS and ck.locals["blob"].startswith("'xxx")
+    assert ck.locals["blob"].endswith("...")
+    assert len(ck.locals["rows"]) == cp.MAX_REPR_CHARS
+    assert len(json.dumps(ck.locals)) < 1_000
+
+
+def test_a_value_just_under_the_value_cap_is_kept_as_is():
+    @workflow
+    def medium():
+        text = "y" * (cp.MAX_VALUE_CHARS - 2)  # noqa: F841
+        yield sig("t.x")
+
+    assert checkpoint_of(medium).locals["text"] == "y" * (cp.MAX_VALUE_CHARS - 2)
+
+
+def suspended(n_locals: int, size: int):
+    """A generator paused with ``n_locals`` string locals of ``size`` characters each."""
+    src = "def gen():\n" + "".join(f"    v{i:02} = 'z' * {size}\n" for i in range(n_locals)) + "    yield\n"
+    ns: dict = {}
+    exec(src, ns)
+    g = ns["gen"]()
+    next(g)
+    return g
+
+
+def test_the_whole_checkpoint_is_capped_and_later_names_get_a_marker():
+    snap = cp.snapshot_locals(suspended(60, 1_900))
+
+    kept = [k for k, v in snap.items() if v != cp.OVER_BUDGET]
+    assert len(kept) == 33 and kept == [f"v{i:02}" for i in range(33)]
+    assert all(snap[f"v{i}"] == cp.OVER_BUDGET for i in range(33, 60))
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug (minor): snapshot_locals' budget counts neither the JSON "
+                                       "punctuation around each name nor the OVER_BUDGET markers, so the locals' "
+                                       "JSON can exceed MAX_CHECKPOINT_CHARS")
+def test_the_checkpoint_cap_bounds_the_json_size():
+    snap = cp.snapshot_locals(suspended(60, 1_900))
+
+    assert len(json.dumps(snap)) <= cp.MAX_CHECKPOINT_CHARS
+
+
+def test_snapshot_budget_marks_the_names_past_it():
+    def gen():
+        a = b = c = "a" * 1_500  # noqa: F841 - each under the per-value cap
+        yield
+
+    g = gen()
+    next(g)
+    old = cp.MAX_CHECKPOINT_CHARS
+    cp.MAX_CHECKPOINT_CHARS = 3_100
+    try:
+        snap = cp.snapshot_locals(g)
+    finally:
+        cp.MAX_CHECKPOINT_CHARS = old
+    assert snap["a"] == "a" * 1_500 and snap["b"] == "a" * 1_500
+    assert snap["c"] == cp.OVER_BUDGET
+
+
+def test_redacted_names_never_reach_the_checkpoint():
+    @workflow(redact=("api_key",))
+    def secretive(api_key):
+        user = "ann"
+        yield sig("t.call", user)
+
+    ck = checkpoint_of(secretive, "sk-live-123")
+
+    assert ck.locals == {"api_key": "<redacted>", "user": "ann"}
+
+
+def test_a_helper_generator_is_the_checkpoint_position():
+    def fetch(url):
+        retries = 3
+        body = yield sig("t.get", url, retries)
+        return body
+
+    @workflow
+    def crawler():
+        page = yield from fetch("https://example.org")
+        return page
+
+    ck = checkpoint_of(crawler)
+
+    assert ck.position["function"] == "fetch" and ck.position["line"] == line_of(fetch, "yield sig")
+    assert ck.locals == {"url": "https://example.org", "retries": 3}
+
+
+def test_comprehension_internals_are_skipped():
+    def gen():
+        xs = [i for i in range(3)]
+        yield xs
+
+    g = gen()
+    next(g)
+    assert cp.snapshot_locals(g) == {"xs": [0, 1, 2]}
+
+
+def test_a_finished_generator_has_no_position_or_locals():
+    def gen():
+        yield 1
+
+    g = gen()
+    list(g)
+    assert cp.position(g) == {"file": "", "line": 0, "function": ""}
+    assert cp.snapshot_locals(g) == {}
+
+
+def test_deltas_store_only_what_changed_and_rebuild_every_step():
+    steps = [{"a": 1, "b": [1]}, {"a": 1, "b": [1, 2]}, {"a": 2, "c": "new"}, {"a": 2, "c": "new"}]
+    deltas, previous = [], None
+    for current in steps:
+        deltas.append(cp.delta(previous, current))
+        previous = current
+
+    assert deltas[0] == {"full": True, "set": steps[0], "unset": []}
+    assert deltas[1] == {"full": False, "set": {"b": [1, 2]}, "unset": []}
+    assert deltas[2] == {"full": False, "set": {"a": 2, "c": "new"}, "unset": ["b"]}
+    assert deltas[3] == {"full": False, "set": {}, "unset": []}
+
+    state: dict = {"stale": True}
+    for expected, change in zip(steps, deltas):
+        state = cp.apply_delta(state, json.loads(json.dumps(change)))
+        assert state == expected
+
+
+def test_a_big_local_held_for_many_steps_costs_one_capped_value():
+    @workflow
+    def holder(n):
+        blob = "q" * 1_000_000
+        for i in range(n):
+            yield sig("t.x", i)
+        return len(blob)
+
+    sim = Sim(holder, 5)
+    sim.decide()
+    for k in range(1, 6):
+        sim.complete(k)
+        sim.decide()
+    assert sim.last.status is RunStatus.COMPLETED
+    previous, sizes = None, []
+    for entry in sim.log:
+        for ck in entry.decision.checkpoints:
+            sizes.append(len(json.dumps(cp.delta(previous, ck.locals))))
+            previous = ck.locals
+    assert sizes[0] < 400 and all(s < 100 for s in sizes[1:]), sizes
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: checkpoint._safe accepts a dict with int keys (json.dumps "
+                                       "turns them into strings) and returns it unchanged, so the locals fail "
+                                       "serde.dumps in commit_decision and the advance crashes")
+def test_locals_always_pass_the_store_serializer():
+    @workflow
+    def keyed():
+        by_id = {1: "a", 2: "b"}  # noqa: F841
+        yield sig("t.x")
+
+    ck = checkpoint_of(keyed)
+
+    serde.dumps(ck.locals, "locals", None)
+
+
+@pytest.mark.xfail(strict=True, reason="engine bug: snapshot_locals keeps references to the generator's mutable "
+                                       "locals, so a step's checkpoint changes when a later step of the same "
+                                       "decision mutates them (and cp.delta then misses the change)")
+def test_a_checkpoint_is_a_snapshot_not_a_view():
+    @workflow
+    def grows():
+        items = [1]
+        yield now()
+        items.append(2)
+        yield sig("t.x")
+
+    d = started().replay(grows)
+
+    assert [c.locals["items"] for c in d.checkpoints] == [[1], [1, 2]]
