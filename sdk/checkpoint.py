@@ -49,7 +49,7 @@ def _safe(value: Any) -> Any:
         return _repr(value)
     if len(text) > MAX_VALUE_CHARS:
         return _repr(value)
-    return value
+    return json.loads(text)  # a snapshot in the store's own terms (int keys become str, tuples lists)
 
 
 def _repr(value: Any) -> str:
@@ -69,19 +69,22 @@ def snapshot_locals(
     frame = innermost_frame(gen)
     if frame is None:
         return {}
+    names = [n for n in frame.f_locals if not n.startswith(".")]  # ".0" etc. are comprehension internals
+    # Every name is listed; room for a marker per name is reserved first, so the whole view
+    # (JSON punctuation included) stays under the cap whatever the values are.
+    marker = {n: len(json.dumps(n)) + len(json.dumps(OVER_BUDGET)) + 2 for n in names}
+    budget = MAX_CHECKPOINT_CHARS - sum(marker.values()) - 2
     out: dict[str, Any] = {}
-    budget = MAX_CHECKPOINT_CHARS
-    for name, value in frame.f_locals.items():
-        if name.startswith("."):
-            continue  # comprehension internals
+    for name in names:
+        value = frame.f_locals[name]
         safe = "<redacted>" if name in redact else _safe(value)
         if isinstance(safe, float) and not math.isfinite(safe):
             safe = _repr(safe)
-        cost = len(json.dumps(safe)) + len(name)
-        if cost > budget:
+        extra = len(json.dumps(safe)) - len(json.dumps(OVER_BUDGET))
+        if extra > budget:
             out[name] = OVER_BUDGET
             continue
-        budget -= cost
+        budget -= max(extra, 0)
         out[name] = safe
     return out
 

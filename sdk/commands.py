@@ -113,7 +113,7 @@ class Timer:
     def describe(self) -> dict[str, Any]:
         if self.until is not None:
             return {"kind": "timer", "name": "sleep_until", "digest": self.until.isoformat()}
-        return {"kind": "timer", "name": "sleep", "digest": f"{self.seconds:g}"}
+        return {"kind": "timer", "name": "sleep", "digest": format(self.seconds or 0.0, ".15g")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +124,8 @@ class SignalWait:
     timeout: float | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "signal", "name": self.name, "digest": "" if self.timeout is None else f"{self.timeout:g}"}
+        digest = "" if self.timeout is None else format(self.timeout, ".15g")
+        return {"kind": "signal", "name": self.name, "digest": digest}
 
 
 Leaf = Activity | Child | Timer | SignalWait

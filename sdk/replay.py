@@ -12,6 +12,7 @@ raises only for corrupt input.
 
 from __future__ import annotations
 
+import json
 import random as _random
 import traceback as _tb
 import uuid as _uuid
@@ -112,6 +113,7 @@ class Instance:
         self.attempts: dict[tuple[int, int, int], Event] = {}
         self.last_locals: dict[str, Any] | None = None
         self._max_recorded_step = 0
+        self._last_pos: dict[str, Any] = {"file": "?", "line": 0, "function": "?"}
         self._d = Decision()
         self._now = datetime.min
         self._live_from = 0
@@ -142,17 +144,25 @@ class Instance:
         self._now = now
         self._live_from = decided_seq
         fresh = [e for e in events if e.seq > self.seq]
-        for ev in fresh:
-            self._index(ev)
+        current: Event | None = None
         try:
-            for ev in fresh:
-                self.seq = ev.seq
-                if ev.kind in ("step_scheduled", "attempt_scheduled"):
+            for current in fresh:
+                self._index(current)
+            for current in fresh:
+                self.seq = current.seq
+                if current.kind in ("step_scheduled", "attempt_scheduled"):
                     continue
-                self._live = ev.seq > decided_seq
-                self._apply(ev)
+                self._live = current.seq > decided_seq
+                self._apply(current)
+            current = None
             self._live = True
             self._offer_inbox(inbox)
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+            # User code's exceptions are caught in _drive; anything here is a malformed event.
+            self.poisoned = True
+            where = f"event seq {current.seq} ({current.kind})" if current is not None else "its inbox"
+            raise BatonError(f"run {self.run_id}: corrupt history at {where}: {type(exc).__name__}: {exc}; "
+                             "the store was edited by hand or by an incompatible Baton") from exc
         except NonDeterminismError as exc:
             self.poisoned = True
             self._d.status = RunStatus.BLOCKED
@@ -266,7 +276,7 @@ class Instance:
             self._cancel_leaves(cur, except_slot=slot)
             ok, value = outcome
             if ok:
-                self._drive("send", [slot, value])
+                self._drive("send", (slot, value))
             else:
                 self._drive("throw", error_from_dict(value, value.get("task", "")))
             return
@@ -338,7 +348,7 @@ class Instance:
                 self._emit(NewEvent("signal_received", cur.number, slot,
                                     {"payload": sig.payload, "signal_id": sig.id}, key=f"sig:{sig.id}",
                                     name=leaf.name))
-                self._settle(cur, slot, (True, sig.payload))
+                self._settle(cur, slot, (True, _copy(sig.payload)))
                 progressed = True
 
     # ------------------------------------------------------------ the generator
@@ -367,10 +377,25 @@ class Instance:
             if isinstance(spec, ValueSpec):
                 method, value = self._value_step(spec)
                 continue
+            try:
+                self._check_arguments(spec)
+            except SerializationError as exc:
+                method, value = "throw", exc  # refused at the yield, like a bad yield
+                continue
             self._schedule(spec)
             return
 
+    def _check_arguments(self, spec: StepSpec) -> None:
+        for slot, leaf in enumerate(spec.leaves):
+            if isinstance(leaf, Activity | Child):
+                name = leaf.task if isinstance(leaf, Activity) else leaf.workflow
+                where = f" (item {slot})" if len(spec.leaves) > 1 else ""
+                dumps([list(leaf.args), dict(leaf.kwargs)], f"arguments of {name}{where} at step {self.step + 1}",
+                      self.max_payload)
+
     def _check(self, k: int, desc: dict[str, Any]) -> Event | None:
+        if self.gen is not None:
+            self._last_pos = cp.position(self.gen)
         rec = self.scheduled.get(k)
         if rec is None:
             return None
@@ -406,7 +431,7 @@ class Instance:
             err = payload["error"]
             return "throw", ActivityError(err.get("task", spec.kind), err["type"], err["message"],
                                           err.get("traceback", ""))
-        value = payload.get("value")
+        value = _copy(payload.get("value"))  # the generator never holds the recorded object itself
         if spec.kind == "now":
             return "send", datetime.fromisoformat(str(value))
         if spec.kind == "uuid4":
@@ -426,10 +451,10 @@ class Instance:
         name = getattr(spec.fn, "__qualname__", repr(spec.fn))
         try:
             value = spec.fn(*spec.args)
-            dumps(value, f"result of side_effect {name}", self.max_payload)
+            text = dumps(value, f"result of side_effect {name}", self.max_payload)
         except Exception as exc:
             return {"error": {**failure(exc), "task": name}}
-        return {"value": value}
+        return {"value": json.loads(text)}  # what a replay will see: tuples become lists
 
     def _schedule(self, spec: StepSpec) -> None:
         k = self.step + 1
@@ -511,6 +536,7 @@ class Instance:
         self._d.error = failure(exc)
 
     def _end_cancelled(self, reason: str) -> None:
+        self._guard_replay_end("ended cancelled")
         self.finished = True
         self.current = None
         self._d.status = RunStatus.CANCELLED
@@ -519,11 +545,13 @@ class Instance:
     def _guard_replay_end(self, how: str) -> None:
         if self._max_recorded_step > self.step:
             nxt = self.scheduled[self._max_recorded_step].payload.get("command")
+            pos = self._last_pos
             raise NonDeterminismError(
-                f"run {self.run_id}: the workflow {how} after step {self.step} on replay, but its history "
-                f"goes on to step {self._max_recorded_step} ({_fmt(nxt)}). The code changed under a running "
-                f"workflow: restore it, then call baton.resume({self.run_id!r})",
-                run_id=self.run_id, step=self.step + 1, recorded=nxt, new=how,
+                f"run {self.run_id}: the workflow {how} after step {self.step} (last yield at {pos['file']}:"
+                f"{pos['line']}, in {pos['function']}) on replay, but its history goes on to step "
+                f"{self._max_recorded_step} ({_fmt(nxt)}). The code changed under a running workflow: restore "
+                f"it, then call baton.resume({self.run_id!r})",
+                run_id=self.run_id, step=self.step + 1, recorded=nxt, new=how, file=pos["file"], line=pos["line"],
             )
 
     def _waiting(self, cur: _Step) -> list[dict[str, Any]]:
@@ -532,6 +560,13 @@ class Instance:
             if cur.outcomes[slot] is None:
                 out.append({**leaf.describe(), "slot": slot, "attempt": cur.attempts[slot]})
         return out
+
+
+def _copy(value: Any) -> Any:
+    """A private copy of JSON data, so user code mutating it cannot rewrite history."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return json.loads(json.dumps(value))
 
 
 def _label(desc: dict[str, Any]) -> str:

@@ -212,9 +212,6 @@ def test_an_unknown_event_kind_is_corrupt_input():
         h.replay(wait)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: activity arguments JSON cannot carry are accepted at the yield; "
-                                       "the decision then holds them and commit_decision raises "
-                                       "SerializationError in the advance, outside the workflow")
 def test_activity_arguments_json_cannot_carry_raise_at_the_yield():
     @workflow
     def dated():
@@ -230,8 +227,6 @@ def test_activity_arguments_json_cannot_carry_raise_at_the_yield():
     assert d.activities == []
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: child arguments JSON cannot carry are accepted at the yield; "
-                                       "commit_decision raises SerializationError creating the child run")
 def test_child_arguments_json_cannot_carry_raise_at_the_yield():
     kid = workflow(lambda when: None, name="kid")
 

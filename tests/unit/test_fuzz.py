@@ -176,9 +176,9 @@ def _base() -> History:
     return History().started().scheduled(sig("t.x"))
 
 
-def _corrupt(name: str, error: str) -> Any:
-    return pytest.mark.xfail(strict=True, reason=f"engine bug: a corrupt history ({name}) makes activate() raise "
-                                                 f"{error} instead of a BatonError naming the run and event")
+def _corrupt(name: str, error: str) -> tuple[()]:
+    """Formerly an xfail (the engine raised a raw {error}); kept so the cases read as before."""
+    return ()
 
 
 CORRUPT = [

@@ -191,8 +191,6 @@ def test_a_generator_that_raises_before_its_recorded_steps_blocks_rather_than_fa
     assert "raised RuntimeError: new validation" in d.error["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: NonDeterminismError for a generator that ends early carries "
-                                       "no file and line (file='' line=0) and its message names neither")
 def test_an_early_end_names_the_file_and_line():
     @workflow(name="ship")
     def ship_v2(order):
@@ -209,9 +207,6 @@ def test_an_early_end_names_the_file_and_line():
     assert __file__ in d.error["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a cancelled generator that skips its recorded cleanup steps "
-                                       "on replay ends CANCELLED instead of BLOCKED (_end_cancelled does not "
-                                       "call _guard_replay_end)")
 def test_a_cancelled_generator_that_skips_recorded_cleanup_blocks_the_run():
     @workflow(name="tidy")
     def v1():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-
 from sdk import ActivityError, first, sleep, wait_signal
 from sdk.events import CancelTask, RunStatus, TimerTask
 
@@ -140,8 +138,6 @@ def test_a_buffered_signal_wins_at_once():
     sim.verify()
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: first() resumes with a list [index, result], "
-                                       "API.md promises a tuple (index, result)")
 def test_first_resumes_with_an_index_result_tuple():
     seen = []
 

@@ -211,9 +211,6 @@ def test_bad_durations_and_names_are_refused_where_they_are_built(call, error):
         call()
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a signal's payload is handed to the generator by reference "
-                                       "and also recorded in the signal_received event, so mutating it before the "
-                                       "decision commits rewrites history; the replay then diverges")
 def test_mutating_a_signal_payload_does_not_rewrite_history():
     @workflow
     def counter():

@@ -166,8 +166,6 @@ def test_side_effect_needs_a_callable(bad):
         side_effect(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: the live generator gets side_effect's raw return value "
-                                       "(a tuple) while a replay gets the recorded JSON (a list)")
 def test_side_effect_gives_the_live_run_what_a_replay_will_get():
     seen = []
 
@@ -184,9 +182,6 @@ def test_side_effect_gives_the_live_run_what_a_replay_will_get():
     assert type(seen[0]) is type(seen[1])
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: side_effect's value is recorded by reference, so the "
-                                       "workflow mutating it before the decision commits changes the history; "
-                                       "the replay then diverges and the run is blocked")
 def test_mutating_a_side_effect_value_does_not_rewrite_history():
     @workflow
     def mutate():
