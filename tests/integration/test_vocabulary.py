@@ -162,3 +162,17 @@ def test_patched_and_blocked_resume(cluster: Cluster) -> None:
     cluster.start_worker()  # the code is restored
     cluster.baton.resume(changing.id)
     assert changing.result(timeout=30) == [1, "now"]
+
+
+def test_checkpoint_history_stays_small_with_a_large_local(cluster: Cluster) -> None:
+    """5,000 steps holding a 1 MB local: every step's checkpoint kept, a few MB in all, not gigabytes."""
+    cluster.start_worker(concurrency=1)
+    run = cluster.ns.big_local.start(5000)
+    assert run.result(timeout=120) == [1_000_000, 4999]
+    rows = cluster.baton.store.checkpoint_rows(run.run_id)
+    assert len(rows) == 5000
+    stored = sum(len(r.locals_delta) + len(r.waiting) for r in rows)
+    assert stored < 3_000_000, f"checkpoints take {stored:,} bytes"
+    past = run.checkpoints()[2500]
+    assert past.step == 2501 and past.locals["i"] == 2500
+    assert past.locals["blob"].startswith("'xxxx") and len(past.locals["blob"]) <= 200
