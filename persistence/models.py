@@ -161,6 +161,7 @@ class WorkerRow(SQLModel, table=True):
     pid: int
     started_at: datetime = Field(sa_column=_ts())
     last_beat: datetime = Field(sa_column=_ts())
+    registered: str = Field(default="[]", sa_column=Column(Text, nullable=False))  # task + workflow names
 
 
 class LeaseRow(SQLModel, table=True):

@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, func, insert, select, update
@@ -298,13 +298,25 @@ class Store:
                              advance_requested_at=utcnow()))
 
     # ------------------------------------------------------------ workers and leases
-    def heartbeat(self, worker_id: str, hostname: str, pid: int) -> None:
+    def heartbeat(self, worker_id: str, hostname: str, pid: int, registered: list[str] | None = None) -> None:
+        """Prove this worker alive; its first beat also records the task and workflow names it can run."""
         now = utcnow()
         with self.tx() as conn:
             n = conn.execute(update(workers_t).where(workers_t.c.id == worker_id).values(last_beat=now)).rowcount
             if n == 0:
-                conn.execute(insert(workers_t).values(id=worker_id, hostname=hostname, pid=pid, started_at=now,
-                                                      last_beat=now))
+                conn.execute(insert(workers_t).values(
+                    id=worker_id, hostname=hostname, pid=pid, started_at=now, last_beat=now,
+                    registered=serde.dumps(sorted(registered or []), "registered names", None)))
+
+    def registered_names(self, alive_within: float = 30.0) -> set[str]:
+        """Task and workflow names some live worker can run (for "nobody can run X" diagnoses)."""
+        cutoff = utcnow() - timedelta(seconds=alive_within)
+        with self.read() as c:
+            rows = c.execute(select(workers_t.c.registered).where(workers_t.c.last_beat >= cutoff)).all()
+        names: set[str] = set()
+        for r in rows:
+            names.update(serde.loads(r.registered) or [])
+        return names
 
     def forget_worker(self, worker_id: str) -> None:
         with self.tx() as conn:

@@ -163,6 +163,28 @@ class WorkflowHandle:
         return [WorkflowHandle(self.baton, r.run_id) for r in self.baton.store.list_runs(parent=self.run_id,
                                                                                          limit=10_000)]
 
+    def diagnose(self) -> list[str]:
+        """Why a running run may not be moving: steps no live worker can run, an unknown workflow."""
+        from . import serde
+
+        row = self._row()
+        if row.status != RunStatus.RUNNING.value:
+            return []
+        store = self.baton.store
+        workers = store.workers()
+        if not workers:
+            return ["no worker is alive: start one with `celery -A <app> worker`"]
+        names = store.registered_names()
+        notes = []
+        if f"workflow:{row.workflow}" not in names:
+            notes.append(f"no live worker has workflow {row.workflow!r} registered; start a worker whose app "
+                         "imports the module that defines it")
+        for w in serde.loads(row.waiting) or []:
+            if w.get("kind") == "activity" and w.get("name") not in names:
+                notes.append(f"step {row.step} waits on task {w.get('name')!r}, which no live worker has "
+                             "registered; start a worker that imports it (the run resumes by itself)")
+        return notes
+
     def info(self) -> dict[str, Any]:
         """Everything the dashboard and CLI show of the run, as plain data."""
         from . import serde
@@ -178,4 +200,5 @@ class WorkflowHandle:
             "previous_run_id": row.previous_run_id, "next_run_id": row.next_run_id,
             "forked_from": row.forked_from, "fork_step": row.fork_step,
             "created_at": started, "updated_at": row.updated_at, "finished_at": row.finished_at,
+            "diagnosis": self.diagnose(),
         }

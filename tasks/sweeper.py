@@ -64,7 +64,10 @@ class Sweeper:
 
     def tick(self) -> None:
         store = self.runtime.store
-        store.heartbeat(self.id, self.hostname, os.getpid())
+        app = self.runtime.app
+        names = [n for n in app.tasks if not n.startswith("celery.")]
+        names += [f"workflow:{w}" for w in self.runtime.baton.workflows]
+        store.heartbeat(self.id, self.hostname, os.getpid(), names)
         now = utcnow()
         lease = timedelta(seconds=max(3 * self.runtime.baton.sweep_interval, 3.0))
         if store.take_lease("sweeper", self.id, now + lease, now):
