@@ -39,7 +39,7 @@ APP_ENV = "BATON_APP"
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)  # lines are log-friendly; tables still fit the width
 err = Console(stderr=True, highlight=False)
 
 cli = typer.Typer(
@@ -282,10 +282,10 @@ def start(
     existed = workflow_id is not None and baton.store.latest_run(workflow_id) is not None
     handle = wf.start(*pos, workflow_id=workflow_id, **kw)
     if existed:
-        out.print(f"run {handle.id} already exists ({handle.status()}); not started again")
+        out.print(f"run {escape(handle.id)} already exists ({handle.status()}); not started again")
     else:
-        out.print(f"started {handle.id}")
-    out.print(f"  follow it:  baton watch {handle.id}", style="dim")
+        out.print(f"started {escape(handle.id)}")
+    out.print(f"  follow it:  baton watch {escape(handle.id)}", style="dim")
 
 
 @cli.command("ls")
@@ -313,10 +313,11 @@ def list_runs(
     for col in ("ID", "WORKFLOW", "STATUS", "STEP", "WAITING ON", "UPDATED"):
         table.add_column(col, no_wrap=col != "WAITING ON", overflow="fold")
     for info in infos:
-        table.add_row(info["id"], info["workflow"], info["status"], str(info["step"]),
-                      describe_waiting(info["waiting"]) if info["status"] == "running" else "-",
-                      fmt_time(info["updated_at"]))
-    out.print(table)
+        cells = (info["id"], info["workflow"], info["status"], str(info["step"]),
+                 describe_waiting(info["waiting"]) if info["status"] == "running" else "-",
+                 fmt_time(info["updated_at"]))
+        table.add_row(*(escape(c) for c in cells))
+    out.print(table, soft_wrap=False)
 
 
 def history_rows(events: list[Any]) -> list[tuple[str, str, str, str, str]]:
@@ -412,7 +413,7 @@ def show(
         grid.add_row("parent", escape(info["parent_run_id"]))
     grid.add_row("started", fmt_time(info["created_at"]))
     grid.add_row("updated", fmt_time(info["updated_at"]))
-    out.print(Panel(grid, title=f"run {escape(info['id'])}", title_align="left", border_style="blue"))
+    out.print(Panel(grid, title=f"run {escape(info['id'])}", title_align="left", border_style="blue"), soft_wrap=False)
 
     local_vars = info["locals"] or {}
     if local_vars:
@@ -421,7 +422,7 @@ def show(
         table.add_column("VALUE", overflow="fold")
         for name, value in local_vars.items():
             table.add_row(escape(name), escape(fmt_value(value, 160)))
-        out.print(table)
+        out.print(table, soft_wrap=False)
 
     rows = history_rows(handle.history())
     shown = rows if show_all else rows[-limit:]
@@ -432,7 +433,7 @@ def show(
         table.add_column(col, no_wrap=col != "DETAIL", overflow="fold")
     for row in shown:
         table.add_row(*(escape(c) for c in row))
-    out.print(table)
+    out.print(table, soft_wrap=False)
 
 
 @cli.command()
@@ -476,7 +477,7 @@ def watch(
 def finish(handle: Any, snap: Snapshot, timeout: float | None) -> None:
     info = handle.info()
     if snap.status == RunStatus.COMPLETED.value:
-        out.print(f"{handle.id} completed → {escape(fmt_value(info['result'], 2000))}")
+        out.print(f"{escape(handle.id)} completed → {escape(fmt_value(info['result'], 2000))}")
         return
     if not snap.ended:
         raise CliError(f"run {handle.id} still {snap.status} at step {snap.step} after {timeout}s; "
@@ -496,7 +497,7 @@ def send_signal(
     value = parse_json(payload, "the signal payload")
     handle = state(ctx).baton.get(run_id)
     handle.signal(name, value)
-    out.print(f"sent signal {name!r} to {handle.id}")
+    out.print(f"sent signal {name!r} to {escape(handle.id)}")
 
 
 @cli.command()
@@ -511,7 +512,7 @@ def cancel(
     handle = state(ctx).baton.get(run_id)
     if not handle.cancel(reason):
         raise CliError(f"run {handle.id} has already ended ({handle.status()}); nothing to cancel")
-    out.print(f"cancel requested for {handle.id}")
+    out.print(f"cancel requested for {escape(handle.id)}")
     if wait:
         deadline = time.monotonic() + timeout
         while not RunStatus(handle.status()).terminal:
@@ -519,7 +520,7 @@ def cancel(
                 raise CliError(f"run {handle.id} still {handle.status()} {timeout}s after the cancel request; "
                                "are workers running?")
             time.sleep(0.1)
-        out.print(f"{handle.id} {handle.status()}")
+        out.print(f"{escape(handle.id)} {handle.status()}")
 
 
 @cli.command()
@@ -533,15 +534,15 @@ def fork(
     baton = state(ctx).baton
     baton.get(run_id)
     handle = baton.fork(run_id, at_step=at, new_id=new_id)
-    out.print(f"forked {run_id} at step {at} as {handle.id}")
-    out.print(f"  follow it:  baton watch {handle.id}", style="dim")
+    out.print(f"forked {escape(run_id)} at step {at} as {escape(handle.id)}")
+    out.print(f"  follow it:  baton watch {escape(handle.id)}", style="dim")
 
 
 @cli.command()
 def resume(ctx: typer.Context, run_id: str = typer.Argument(..., metavar="ID", help="Workflow id.")) -> None:
     """Retry a blocked run after a code fix (re-drives a running one)."""
     handle = state(ctx).baton.resume(run_id)
-    out.print(f"resumed {handle.id} ({handle.status()})")
+    out.print(f"resumed {escape(handle.id)} ({handle.status()})")
 
 
 @cli.command()
@@ -647,6 +648,7 @@ class Workers:
 
 
 def _terminate(signum: int, frame: Any) -> None:
+    # Also for SIGINT, which a shell may have set to SIG_IGN for a background job.
     raise KeyboardInterrupt  # so that `finally` stops the workers and the broker
 
 
@@ -687,17 +689,20 @@ def demo(
     for stale in (db_path, work / "baton.sqlite3-wal", work / "baton.sqlite3-shm"):
         stale.unlink(missing_ok=True)  # a fresh run every time, even in a reused --dir
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_")}
-    old_handler = signal.signal(signal.SIGTERM, _terminate)
+    handlers = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     pool = Workers(work, env)
     try:
         out.print(f"[bold]Baton demo[/] in {escape(str(work))}")
         broker = embedded_broker_url(broker_dir)
-        env.update(CELERY_BROKER_URL=broker, BATON_DATABASE_URL=f"sqlite:///{db_path}",
+        # No broker configured anywhere: every process takes Baton's embedded default, found through
+        # BATON_HOME (the broker started above), and the SQLite file of BATON_DATABASE_URL.
+        env.update(BATON_HOME=str(broker_dir), BATON_DATABASE_URL=f"sqlite:///{db_path}",
                    BATON_EXAMPLE_WORKSPACE=str(work / "workspace"),
                    PYTHONPATH=os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p))
-        for key in ("CELERY_BROKER_URL", "BATON_DATABASE_URL", "BATON_EXAMPLE_WORKSPACE"):
+        for key in [k for k in os.environ if k.startswith("CELERY_")]:
+            del os.environ[key]
+        for key in ("BATON_HOME", "BATON_DATABASE_URL", "BATON_EXAMPLE_WORKSPACE"):
             os.environ[key] = env[key]
-        os.environ.pop("CELERY_RESULT_BACKEND", None)
         out.print(f"  broker    embedded redis-server on {escape(broker.removeprefix('redis+socket://'))} "
                   "(no TCP port)")
         out.print(f"  database  {escape(str(db_path))}")
@@ -705,6 +710,8 @@ def demo(
             sys.path.insert(0, str(root))
         example = importlib.import_module(DEMO_MODULE)
         baton: Baton = example.baton
+        if baton.app.conf.broker_url != broker:
+            raise CliError(f"{DEMO_MODULE} uses broker {baton.app.conf.broker_url!r}, not the demo's embedded one")
         baton.list(limit=1)  # creates the tables before the workers race to
         names = [f"demo{i + 1}" for i in range(workers)]
         for name in names:
@@ -713,12 +720,16 @@ def demo(
         out.print(f"  workers   {', '.join(f'{n} (pid {pool.procs[n].pid})' for n in names)}: "
                   f"celery -A {DEMO_MODULE} worker -c {concurrency}")
         handle = example.coding_agent.start(DEMO_TICKET, modules=modules)
-        out.print(f"  run       {handle.id}: coding_agent({DEMO_TICKET!r}, modules={modules})\n")
+        out.print(f"  run       {escape(handle.id)}: coding_agent({DEMO_TICKET!r}, modules={modules})\n")
         ds = DemoState()
         snap = drive_demo(baton, handle, pool, names, ds, kill=kill, deadline=began + timeout, began=began)
         report_demo(baton, handle, snap, ds, work, began)
+    except KeyboardInterrupt:
+        err.print("interrupted: stopping the demo's workers and its broker")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     finally:
-        signal.signal(signal.SIGTERM, old_handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         pool.stop()
         try:
             stop_embedded_broker(broker_dir)
@@ -834,7 +845,8 @@ def report_demo(baton: Baton, handle: Any, snap: Snapshot, ds: DemoState, work: 
     result = handle.result(timeout=5)
     events = handle.history()
     per_worker = ", ".join(f"{name}: {n}" for name, n in sorted(snap.by_worker.items()))
-    out.print(Panel(Text(json.dumps(result, indent=2)), title="result", title_align="left", border_style="green"))
+    out.print(Panel(Text(json.dumps(result, indent=2)), title="result", title_align="left", border_style="green"),
+              soft_wrap=False)
     out.print(f"[green]✓[/] run completed: {snap.step} steps, {len(events)} events, "
               f"{sum(snap.by_worker.values())} tasks ({escape(per_worker)})")
     if ds.killed:
@@ -843,14 +855,17 @@ def report_demo(baton: Baton, handle: Any, snap: Snapshot, ds: DemoState, work: 
         out.print(f"[green]✓[/] worker {ds.killed} was SIGKILLed at step {ds.killed_step} with {len(ds.held)} "
                   f"task(s) in flight; the run carried on in the others{recovered}")
     out.print(f"[green]✓[/] demo finished in {time.monotonic() - began:.1f}s\n")
-    env = f"BATON_DATABASE_URL=sqlite:///{work / 'baton.sqlite3'}"
-    out.print("[bold]Where to look next[/]")
-    out.print(f"  the workflow:     {escape(short_path(str(find_examples_root() / 'examples' / 'coding_agent.py')))}")
-    out.print(f"  this run:         {escape(env)} baton -A {DEMO_MODULE} show {handle.id}")
-    out.print(f"  in a browser:     {escape(env)} baton -A {DEMO_MODULE} dashboard")
-    out.print(f"  fork it:          {escape(env)} baton -A {DEMO_MODULE} fork {handle.id} --at 8  "
-              "(needs workers: celery -A examples.coding_agent worker)")
-    out.print(f"  worker logs:      {escape(str(work))}/demo*.log")
+    app = f"baton -A {DEMO_MODULE}"
+    out.print(f"[bold]Where to look next[/] (the demo's broker, database and logs are in {escape(str(work))}):")
+    for line, comment in (
+        (f"export BATON_HOME={work / 'broker'} BATON_DATABASE_URL=sqlite:///{work / 'baton.sqlite3'}", ""),
+        (f"{app} show {handle.id}", "the run: position, locals, history"),
+        (f"{app} dashboard", "the same in a browser"),
+        (f"celery -A {DEMO_MODULE} worker &", "start workers, then branch the run after step 8:"),
+        (f"{app} fork {handle.id} --at 8", ""),
+        (short_path(str(find_examples_root() / "examples" / "coding_agent.py")), "the workflow's code"),
+    ):
+        out.print(f"  {escape(line)}" + (f"   [dim]# {escape(comment)}[/]" if comment else ""))
 
 
 # ---------------------------------------------------------------- entry point

@@ -1,0 +1,1 @@
+"""Runnable examples (``baton demo`` runs ``examples.coding_agent``)."""
