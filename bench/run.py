@@ -108,6 +108,21 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes (children's own time included per pid, not their reaped children)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / CLK_TCK
+
+
 class Worker:
     """One ``celery worker`` subprocess (its own session, so the whole group can be signalled)."""
 
@@ -155,6 +170,9 @@ class Worker:
     def pids(self) -> list[int]:
         return [self.pid, *_children(self.pid)] if self.alive() else []
 
+    def cpu(self) -> float:
+        return cpu_seconds(self.pids())
+
     def rss(self) -> dict[str, float]:
         """RSS in MB of the main process, of the largest pool child, and of the whole tree."""
         main = _rss_kb(self.pid) / 1024
@@ -192,6 +210,7 @@ class Env:
     tmp: Path
     keep: bool = False
     db_url: str = ""
+    client_db_url: str = ""
     schema: str = ""
     queue: str = field(default_factory=lambda: f"bench{uuid.uuid4().hex[:6]}")
     baton_ns: Any = None
@@ -228,12 +247,16 @@ class Env:
             with admin.connect() as c:
                 c.execute(sa.text(f'CREATE SCHEMA "{self.schema}"'))
             admin.dispose()
-            self.db_url = f"{PG}?options=-csearch_path%3D{self.schema}"
+            # Workers tag their connections (application_name) so that their PostgreSQL backends' CPU
+            # can be counted; the client uses another name.
+            self.db_url = f"{PG}?options=-csearch_path%3D{self.schema}&application_name={self.schema}_w"
+            self.client_db_url = f"{PG}?options=-csearch_path%3D{self.schema}&application_name={self.schema}_c"
         else:
             self.db_url = f"sqlite:///{self.tmp / 'baton.sqlite3'}"
+            self.client_db_url = self.db_url
         from bench.app import build_bare, build_baton
 
-        self.baton_ns = build_baton(self.baton_broker, self.db_url, self.queue)
+        self.baton_ns = build_baton(self.baton_broker, self.client_db_url, self.queue)
         self.bare_ns = build_bare(self.bare_broker, self.bare_backend, self.queue)
         self.bare_ns.app.conf.task_send_sent_event = False
         return self
@@ -254,6 +277,21 @@ class Env:
             with admin.connect() as c:
                 c.execute(sa.text(f'DROP SCHEMA "{self.schema}" CASCADE'))
             admin.dispose()
+
+    def pg_backends(self) -> list[int]:
+        """PIDs of the PostgreSQL backends serving the Baton worker's connections."""
+        if self.store != "pg":
+            return []
+        from sqlalchemy import text
+
+        with _store(self).read() as c:
+            return [int(r[0]) for r in c.execute(text("SELECT pid FROM pg_stat_activity WHERE application_name = "
+                                                      ":n"), {"n": f"{self.schema}_w"})]
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far: Baton worker, its PostgreSQL backends, bare worker."""
+        return {"baton": self.baton_w.cpu() if self.baton_w else 0.0, "pg": cpu_seconds(self.pg_backends()),
+                "bare": self.bare_w.cpu() if self.bare_w else 0.0}
 
     def baton_env(self) -> dict[str, str]:
         env = {"BENCH_SIDE": "baton", "BENCH_BROKER": self.baton_broker, "BENCH_DB": self.db_url,
@@ -437,65 +475,102 @@ def med(xs: list[float]) -> float:
 # ---------------------------------------------------------------- scenarios
 
 
+class Meter:
+    """Wall-clock results of both sides per repetition, and the CPU each side's processes used."""
+
+    def __init__(self, env: Env) -> None:
+        self.env = env
+        self.wall: dict[str, list[float]] = {"baton": [], "bare": []}
+        self.cpu: dict[str, list[float]] = {"baton": [], "pg": [], "bare": []}
+
+    def measure(self, side: str, fn: Callable[[], float]) -> float:
+        before = self.env.cpu()
+        value = fn()
+        time.sleep(0.3)  # let the last acknowledgements and the pool's bookkeeping land
+        after = self.env.cpu()
+        keys = ("baton", "pg") if side == "baton" else ("bare",)
+        for k in keys:
+            self.cpu[k].append(after[k] - before[k])
+        self.wall[side].append(value)
+        return value
+
+    def rows(self, scenario: str, metric: str, target: str, ok: Callable[[float], bool], units: float,
+             unit: str) -> list[Row]:
+        b, c = med(self.wall["baton"]), med(self.wall["bare"])
+        out = [Row(scenario, metric, b, c, target, ok(b / c), samples=dict(self.wall))]
+        wb = med(self.cpu["baton"]) / units * 1000
+        pg = med(self.cpu["pg"]) / units * 1000 if self.env.store == "pg" else None
+        wc = med(self.cpu["bare"]) / units * 1000
+        out.append(Row(scenario, f"worker CPU ms per {unit} (all worker processes)", wb, wc,
+                       samples={k: list(v) for k, v in self.cpu.items()}))
+        if pg is not None:
+            out.append(Row(scenario, f"PostgreSQL backend CPU ms per {unit} (Baton's connections)", pg, None))
+        return out
+
+
 def scen_seq(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     n = size["seq"]
     ns = env.baton_ns
-    baton: list[float] = []
-    bare: list[float] = []
-    for rep in range(reps):
-        baton.append(baton_one(env, ns.seq, n) / n * 1000)
+    m = Meter(env)
+
+    def bare() -> float:
         key = f"seq:{uuid.uuid4().hex}"
         sig = bare_chain(env, n, key)
         t0 = time.time()
         sig.apply_async()
-        bare.append((bare_wait(env, key, 1, 300)[0] - t0) / n * 1000)
-        log(f"seq rep {rep + 1}/{reps}: baton {baton[-1]:.2f} ms/step, bare {bare[-1]:.2f} ms/step "
-            f"(load {loadavg()})")
-    b, c = med(baton), med(bare)
-    return [Row("1 sequential", f"ms per step, {n} steps", b, c, "≤ 1.3x", b / c <= 1.3,
-                samples={"baton": baton, "bare": bare})]
+        return (bare_wait(env, key, 1, 300)[0] - t0) / n * 1000
+
+    for rep in range(reps):
+        b = m.measure("baton", lambda: baton_one(env, ns.seq, n) / n * 1000)
+        c = m.measure("bare", bare)
+        log(f"seq rep {rep + 1}/{reps}: baton {b:.2f} ms/step, bare {c:.2f} ms/step (load {loadavg()})")
+    return m.rows("1 sequential", f"ms per step, {n} steps", "≤ 1.3x", lambda r: r <= 1.3, n, "step")
 
 
 def scen_fan(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     n = size["fan"]
     ns = env.baton_ns
-    baton: list[float] = []
-    bare: list[float] = []
-    for rep in range(reps):
-        baton.append(baton_one(env, ns.fan, n, timeout=900))
+    m = Meter(env)
+
+    def bare() -> float:
         key = f"fan:{uuid.uuid4().hex}"
         sig = bare_chord(env, n, key)
         t0 = time.time()
         sig.apply_async()
-        bare.append(bare_wait(env, key, 1, 600)[0] - t0)
-        log(f"fan rep {rep + 1}/{reps}: baton {baton[-1]:.2f} s, bare {bare[-1]:.2f} s (load {loadavg()})")
-    b, c = med(baton), med(bare)
-    return [Row("2 fan-out", f"seconds for {n} tasks + join", b, c, "≤ 1.0x", b / c <= 1.0,
-                samples={"baton": baton, "bare": bare})]
+        return bare_wait(env, key, 1, 600)[0] - t0
+
+    for rep in range(reps):
+        b = m.measure("baton", lambda: baton_one(env, ns.fan, n, timeout=900))
+        c = m.measure("bare", bare)
+        log(f"fan rep {rep + 1}/{reps}: baton {b:.2f} s, bare {c:.2f} s (load {loadavg()})")
+    return m.rows("2 fan-out", f"seconds for {n} tasks + join", "≤ 1.0x", lambda r: r <= 1.0, n, "task")
 
 
 def scen_thru(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     runs, steps = size["thru_runs"], size["thru_steps"]
     total = runs * steps
     ns = env.baton_ns
-    baton: list[float] = []
-    bare: list[float] = []
-    for rep in range(reps):
+    m = Meter(env)
+
+    def baton() -> float:
         t0 = time.time()
         ids = [ns.seq.start(steps).id for _ in range(runs)]
         wait_runs(env, ids, 900, interval=0.1)
-        baton.append(total / (finished_at(env, ids) - t0))
+        return total / (finished_at(env, ids) - t0)
+
+    def bare() -> float:
         key = f"thru:{uuid.uuid4().hex}"
         sigs = [bare_chain(env, steps, key) for _ in range(runs)]
         t0 = time.time()
         for s in sigs:
             s.apply_async()
-        bare.append(total / (max(bare_wait(env, key, runs, 600)) - t0))
-        log(f"thru rep {rep + 1}/{reps}: baton {baton[-1]:.0f} tasks/s, bare {bare[-1]:.0f} tasks/s "
-            f"(load {loadavg()})")
-    b, c = med(baton), med(bare)
-    return [Row("3 throughput", f"tasks/s, {runs} x {steps}-step", b, c, "≥ 0.7x", b / c >= 0.7,
-                samples={"baton": baton, "bare": bare})]
+        return total / (max(bare_wait(env, key, runs, 600)) - t0)
+
+    for rep in range(reps):
+        b = m.measure("baton", baton)
+        c = m.measure("bare", bare)
+        log(f"thru rep {rep + 1}/{reps}: baton {b:.0f} tasks/s, bare {c:.0f} tasks/s (load {loadavg()})")
+    return m.rows("3 throughput", f"tasks/s, {runs} x {steps}-step", "≥ 0.7x", lambda r: r >= 0.7, total, "task")
 
 
 def _window(times: dict[int, float], k: int, width: int = 20) -> float:
