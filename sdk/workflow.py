@@ -6,7 +6,7 @@ import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from . import checkpoint as cp
@@ -16,6 +16,13 @@ from .events import Checkpoint, Event, RunStatus
 
 if TYPE_CHECKING:
     from .client import Baton
+
+
+def _aware(value: Any) -> Any:
+    """SQLite hands back naive datetimes; everything Baton writes is UTC."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
 
 
 class Workflow:
@@ -140,7 +147,7 @@ class WorkflowHandle:
             return None
         return Checkpoint(step=row.step, position=serde.loads(row.position) or {},
                           locals=serde.loads(row.locals) or {}, waiting_on=serde.loads(row.waiting) or [],
-                          at=row.updated_at)
+                          at=_aware(row.updated_at))
 
     def checkpoints(self) -> list[Checkpoint]:
         """Every step's checkpoint, locals rebuilt from the stored deltas."""
@@ -151,7 +158,7 @@ class WorkflowHandle:
         for r in self.baton.store.checkpoint_rows(self.run_id):
             state = cp.apply_delta(state, serde.loads(r.locals_delta))
             out.append(Checkpoint(step=r.step, position={"file": r.file, "line": r.line, "function": r.function},
-                                  locals=dict(state), waiting_on=serde.loads(r.waiting), at=r.at))
+                                  locals=dict(state), waiting_on=serde.loads(r.waiting), at=_aware(r.at)))
         return out
 
     def history(self) -> list[Event]:
@@ -190,7 +197,7 @@ class WorkflowHandle:
         from . import serde
 
         row = self._row()
-        started: datetime | None = row.created_at
+        started: datetime | None = _aware(row.created_at)
         return {
             "id": self.id, "run_id": row.run_id, "workflow": row.workflow, "status": row.status,
             "args": serde.loads(row.args), "kwargs": serde.loads(row.kwargs),
@@ -199,6 +206,6 @@ class WorkflowHandle:
             "waiting": serde.loads(row.waiting) or [], "parent_run_id": row.parent_run_id,
             "previous_run_id": row.previous_run_id, "next_run_id": row.next_run_id,
             "forked_from": row.forked_from, "fork_step": row.fork_step,
-            "created_at": started, "updated_at": row.updated_at, "finished_at": row.finished_at,
+            "created_at": started, "updated_at": _aware(row.updated_at), "finished_at": _aware(row.finished_at),
             "diagnosis": self.diagnose(),
         }

@@ -1,4 +1,4 @@
-"""Behaviour of sdk/ found while building the dashboard, pinned so a fix shows up (xfail strict)."""
+"""Behaviour of sdk/ found while building the dashboard, pinned by tests."""
 
 from __future__ import annotations
 
@@ -8,9 +8,6 @@ from typing import Any
 import pytest
 
 
-@pytest.mark.xfail(strict=True, reason="WorkflowHandle.info() returns naive datetimes on SQLite (history() events "
-                   "are made aware with persistence.store.aware, info() and checkpoints() are not); the dashboard "
-                   "normalises them itself with dashboards.model.utc")
 def test_info_timestamps_are_timezone_aware_on_sqlite(offline_baton: Any) -> None:
     run = offline_baton.ns_idle.start("x", workflow_id="tz-check")
     assert run.history()[0].at.tzinfo is not None  # events: aware
