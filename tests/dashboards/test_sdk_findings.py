@@ -5,8 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
-
 
 def test_info_timestamps_are_timezone_aware_on_sqlite(offline_baton: Any) -> None:
     run = offline_baton.ns_idle.start("x", workflow_id="tz-check")
