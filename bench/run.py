@@ -764,7 +764,17 @@ def machine() -> dict[str, str]:
         mem = f"{kb / 1024 / 1024:.0f} GiB"
     except (OSError, ValueError, IndexError):
         pass
-    return {"cpu": f"{os.cpu_count()} x {cpu}", "memory": mem, "os": platform.platform(),
+    rev = "?"
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip() or "?"
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "sdk", "persistence", "tasks"],
+                               capture_output=True, text=True, timeout=10).stdout.rstrip()
+        if dirty.strip():
+            rev += " + uncommitted changes in " + ", ".join(sorted({ln[3:].split("/")[0] for ln in dirty.splitlines()}))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"code": rev, "cpu": f"{os.cpu_count()} x {cpu}", "memory": mem, "os": platform.platform(),
             "python": platform.python_version(), "celery": celery.__version__, "kombu": kombu.__version__,
             "sqlalchemy": sqlalchemy.__version__}
 
@@ -844,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{loadavg()}")
     print(head)
     print(f"machine: {info['cpu']}, {info['memory']}, {info['os']}, Python {info['python']}, Celery "
-          f"{info['celery']}, kombu {info['kombu']}, SQLAlchemy {info['sqlalchemy']}")
+          f"{info['celery']}, kombu {info['kombu']}, SQLAlchemy {info['sqlalchemy']}; code {info['code']}")
     print()
     print(table(rows))
     if a.json:
