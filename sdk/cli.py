@@ -527,7 +527,8 @@ def cancel(
 def fork(
     ctx: typer.Context,
     run_id: str = typer.Argument(..., metavar="ID", help="Workflow id of the original."),
-    at: int = typer.Option(..., "--at", min=0, help="Keep the original's first STEP steps; run live after."),
+    at: int = typer.Option(..., "--at", min=0, metavar="STEP",
+                           help="Keep the original's first STEP steps; run live after them."),
     new_id: str | None = typer.Option(None, "--id", help="Id of the new run (default: generated)."),
 ) -> None:
     """Start a new run sharing the first STEP steps of a run's history (the original is untouched)."""
@@ -551,7 +552,8 @@ def dashboard(
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
     port: int = typer.Option(8089, "--port", help="Port to listen on."),
     token: str | None = typer.Option(None, "--token", envvar="BATON_DASHBOARD_TOKEN",
-                                     help="Require this token (needed to listen beyond localhost)."),
+                                     help="Require this token on every page and API call "
+                                          "(set one to listen beyond localhost)."),
     flower_url: str | None = typer.Option(None, "--flower-url", envvar="BATON_FLOWER_URL",
                                           help="Flower's address, to link each step to its task."),
 ) -> None:
