@@ -1,0 +1,66 @@
+"""Fault 5, a crash between steps: ``os._exit`` injected (``tasks/faults.py``) at each point of the
+advance path, once each, while runs are in flight:
+
+* ``after_commit``: the decision is committed, its tasks not yet published (the sweeper
+  publishes outbox rows left ``scheduled``);
+* ``after_publish``: the result is recorded and the next step published, the message not yet
+  acknowledged (it is redelivered, runs again, and its second result is ignored);
+* ``mid_fanout_publish``: half of a fan-out published (the sweeper publishes the rest; in a
+  worker's main process the whole worker dies and is replaced, as a supervisor would);
+* ``before_record``: the activity ran, its result not yet recorded (redelivered, run again).
+
+One faulty worker per point, all at once; runs keep being started until every point has
+fired. Every run must then complete intact (``verify_runs``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.faults import POINTS
+from tests.chaos.support import ChaosCluster, verify_runs, wait_all, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_crash_at_every_point_of_the_advance_path(chaos: ChaosCluster, tmp_path: Path) -> None:
+    once = {point: tmp_path / f"fault-{point}.once" for point in POINTS}
+    procs = [chaos.start_worker(concurrency=2, wait=False, BATON_FAULT=point, BATON_FAULT_ONCE=str(once[point]))
+             for point in POINTS]
+    for proc in procs:
+        chaos.wait_ready(proc)
+    ns = chaos.ns
+    key = f"cp-{chaos.queue}"
+    runs: list[tuple[Any, Any]] = []
+
+    def fired() -> list[str]:
+        return [p for p, f in once.items() if f.exists()]
+
+    deadline = time.monotonic() + 90
+    while len(fired()) < len(POINTS) and time.monotonic() < deadline:
+        if len(runs) < 80:
+            runs.append((ns.slow_fan.start(4, 0.1, key), 6))
+            runs.append((ns.slow_seq.start(3, 0.1, key), [0, 1, 2]))
+        chaos.replace_dead()  # a worker whose main process hit a fault is restarted, as a supervisor would
+        time.sleep(0.5)
+    assert sorted(fired()) == sorted(POINTS), f"faults that never fired: {set(POINTS) - set(fired())}"
+    last_fault = max(f.stat().st_mtime for f in once.values())
+
+    def all_done() -> bool:
+        chaos.replace_dead()
+        return all(h.status() != "running" for h, _ in runs)
+
+    wait_until(all_done, 120, "every run to finish after the faults", interval=0.5)
+    wait_all([h for h, _ in runs], 5)
+    recovered = time.time() - last_fault
+    report = verify_runs(chaos.baton, runs)
+    where = {p: once[p].read_text().split()[1] for p in POINTS}
+    mains = {str(p.pid) for p in procs}
+    in_main = sorted(p for p, pid in where.items() if pid in mains)
+    print(f"\nFIGURES crash-points [{chaos.db.split(':')[0]}]: {report.line()} faults={len(POINTS)} "
+          f"in_main_process={in_main} workers_replaced={chaos.replaced} "
+          f"recovered_after_last_fault={recovered:.1f}s")
