@@ -681,12 +681,16 @@ def scen_mem(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
         ids += chunk
         wait_runs(env, chunk, 600, pred=lambda r: r.step >= 2, what="runs to park", interval=0.1)
         samples_b.append((len(ids), env.baton_w.rss()))
+        if len(ids) % max(batch, total // 5) == 0:
+            log(f"mem baton: {len(ids)} runs parked, worker RSS {samples_b[-1][1]['total']:.0f} MB")
     parked = env.baton_w.rss()
     for i in range(0, total, batch):
         chunk = ids[i:i + batch]
         for rid in chunk:
             env.baton_ns.baton.get(rid).signal("go", None)
         wait_runs(env, chunk, 600, interval=0.1)
+        if (i + batch) % max(batch, total // 5) == 0:
+            log(f"mem baton: {i + batch} runs released and completed, worker RSS {env.baton_w.rss()['total']:.0f} MB")
     done = env.baton_w.rss()
     samples_b.append((2 * total, done))
     baton_s = time.time() - t0
