@@ -116,7 +116,10 @@ def report(title: str, prof: Profile, top: int, rate: int) -> str:
     for name, n in prof.components.most_common():
         out.append(f"| {100 * n / max(1, prof.samples):.1f} | {n} | {name} |")
     out.append("")
-    for label, counter in (("self", prof.self_), ("total (inclusive; worker plumbing frames left out)", prof.total)):
+    own = Counter({k: v for k, v in prof.total.items()
+                   if any(f"({p}/" in k for p in ("sdk", "persistence", "tasks", "bench"))})
+    for label, counter in (("self", prof.self_), ("total (inclusive; worker plumbing frames left out)", prof.total),
+                           ("total, Baton's own functions only", own)):
         out += [f"top {top} by {label} time:", "", "| % | samples | function |", "|---:|---:|---|"]
         for name, n in counter.most_common(top):
             out.append(f"| {100 * n / max(1, prof.samples):.1f} | {n} | `{name}` |")
