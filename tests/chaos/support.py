@@ -34,7 +34,21 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
-PG_BIN = Path(os.environ.get("TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def pg_bin() -> Path:
+    """Where ``initdb`` and ``pg_ctl`` live: ``TEST_PG_BIN``, the newest Debian server, or the PATH."""
+    if os.environ.get("TEST_PG_BIN"):
+        return Path(os.environ["TEST_PG_BIN"])
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3])
+                    if p.parts[-3].isdigit() else 0)
+    if debian:
+        return debian[-1].parent
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    raise RuntimeError("no PostgreSQL server binaries (initdb, pg_ctl) found: install the server package "
+                       "or set TEST_PG_BIN to their directory")
 
 
 def free_port() -> int:
@@ -149,17 +163,17 @@ class PgServer:
     def init(self) -> None:
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
-        self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+        self._as_postgres(str(pg_bin() / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                           "--no-sync", "-E", "UTF8")
 
     def start(self) -> None:
         opts = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
                 "-c max_connections=200 -c shared_buffers=32MB")
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w",
+        self._as_postgres(str(pg_bin() / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w",
                           "-t", "60", "start")
 
     def stop(self, mode: str = "fast") -> None:
-        self._as_postgres(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+        self._as_postgres(str(pg_bin() / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
 
     def running(self) -> bool:
         return (self.data / "postmaster.pid").exists()
@@ -264,11 +278,23 @@ class ChaosCluster:
         proc.wait(10)
         self.kills += 1
 
-    def kill_random(self, rng: random.Random) -> subprocess.Popen[bytes] | None:
+    def busy_pids(self) -> set[int]:
+        """Main-process pids of the workers holding a started attempt right now."""
+        from sqlalchemy import select
+
+        from persistence.store import tasks_t
+
+        with self.baton.store.read() as conn:
+            held = conn.execute(select(tasks_t.c.worker).where(tasks_t.c.state == "started")).scalars().all()
+        return {int(w.rsplit("/", 1)[1]) for w in held if w and w.rsplit("/", 1)[1].isdigit()}
+
+    def kill_random(self, rng: random.Random, prefer_busy: bool = True) -> subprocess.Popen[bytes] | None:
+        """SIGKILL a random live worker; by default one caught running an activity, if any is."""
         live = self.alive()
         if not live:
             return None
-        victim = rng.choice(live)
+        busy = self.busy_pids() if prefer_busy else set()
+        victim = rng.choice([p for p in live if p.pid in busy] or live)
         self.kill(victim)
         return victim
 

@@ -1,5 +1,6 @@
 """Fault 1, worker churn: 200 concurrent runs mixing sequences, fan-outs, timers, signals and child
-runs, while a random worker is SIGKILLed every few seconds and replaced.
+runs, while a random worker (preferably one caught running an activity) is SIGKILLed every
+few seconds and replaced.
 
 Survival is checked on the store (``verify_runs``): every run completed with the right result,
 every step resolved, each step's completion recorded exactly once, nothing left in flight.

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(180)
 
 def test_crash_at_every_point_of_the_advance_path(chaos: ChaosCluster, tmp_path: Path) -> None:
     once = {point: tmp_path / f"fault-{point}.once" for point in POINTS}
-    procs = [chaos.start_worker(concurrency=2, wait=False, BATON_FAULT=point, BATON_FAULT_ONCE=str(once[point]))
+    procs = [chaos.start_worker(concurrency=1, wait=False, BATON_FAULT=point, BATON_FAULT_ONCE=str(once[point]))
              for point in POINTS]
     for proc in procs:
         chaos.wait_ready(proc)
