@@ -322,24 +322,34 @@ def next_timer_due(conn: Connection) -> datetime | None:
     return aware(conn.execute(q).scalar())
 
 
-def reclaim_dead_workers(conn: Connection, now: datetime, dead_after: float) -> tuple[list[str], list[str]]:
-    """Forget workers whose heartbeat is stale; return (those workers, attempts to send again).
+def reclaim_dead_workers(conn: Connection, now: datetime, dead_after: float
+                         ) -> tuple[list[str], list[str], list[Any]]:
+    """Forget workers whose heartbeat is stale.
 
-    A dead worker's attempts are those it had started, and those it had committed but
-    perhaps not yet published (its id is stamped on the rows it scheduled until a worker
-    starts them).
+    Returns (those workers, attempts to send again, attempts that may have died with them).
+    Certain: the attempts they had started, and those they committed but perhaps never
+    published. Possible: attempts published before they died and not started since; a
+    message fetched but not yet started dies with its worker (the caller checks which of
+    these are still queued in the broker).
     """
     cutoff = now - timedelta(seconds=dead_after)
-    dead = [r.id for r in conn.execute(select(workers_t.c.id).where(workers_t.c.last_beat < cutoff))]
-    if not dead:
-        return [], []
+    rows = conn.execute(select(workers_t.c.id, workers_t.c.last_beat).where(workers_t.c.last_beat < cutoff)).all()
+    if not rows:
+        return [], [], []
+    dead = [r.id for r in rows]
+    # Anything published a moment ago or earlier may have been fetched by a dead worker (its
+    # last beat can predate its last fetch); the caller drops those still queued.
+    settled = now - timedelta(seconds=1)
     ids = [r.id for r in conn.execute(select(tasks_t.c.id).where(
         tasks_t.c.worker.in_(dead), tasks_t.c.state.in_(("started", "scheduled")),
         or_(tasks_t.c.not_before.is_(None), tasks_t.c.published_at.is_not(None))))]
     if ids:
         conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="scheduled", worker=None))
+    maybe = list(conn.execute(select(tasks_t.c.id, tasks_t.c.options).where(
+        tasks_t.c.state == "scheduled", tasks_t.c.published_at.is_not(None), tasks_t.c.published_at <= settled,
+        tasks_t.c.id.not_in(ids) if ids else tasks_t.c.id.is_not(None))))
     conn.execute(workers_t.delete().where(workers_t.c.id.in_(dead)))
-    return dead, ids
+    return dead, ids, maybe
 
 
 def tasks_to_publish(conn: Connection, now: datetime, lost_after: float, limit: int = 500) -> list[str]:

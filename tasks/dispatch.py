@@ -8,6 +8,7 @@ are recorded once per attempt key.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from sqlalchemy import select
 from persistence import runtime as rt
 from persistence.models import utcnow
 from persistence.store import tasks_t
+from sdk import serde
 
 from .faults import fault
 
@@ -31,6 +33,8 @@ HEADER_TIMEOUT = "baton_timeout"
 
 def publish(runtime: Runtime, messages: list[dict[str, Any]]) -> None:
     """Send activity attempts (their rows are already committed)."""
+    if messages:
+        runtime.ensure_broker()
     for msg in messages:
         options = dict(msg["options"] or {})
         if msg["attempt"] > 1:
@@ -64,7 +68,33 @@ def republish(runtime: Runtime, ids: list[str]) -> int:
     return len(rows)
 
 
+def queued_task_ids(runtime: Runtime, rows: list[Any]) -> set[str]:
+    """Ids of these attempts still waiting in the broker's queues (Redis only; else none)."""
+    url = str(runtime.app.conf.broker_url or "")
+    if not url.startswith(("redis", "rediss", "redis+socket")):
+        return set()
+    default = runtime.app.conf.task_default_queue or "celery"
+    queues = {str((serde.loads(r.options) or {}).get("queue") or default) for r in rows}
+    found: set[str] = set()
+    try:
+        with runtime.app.connection_for_read() as conn:
+            client = conn.default_channel.client
+            for queue in queues:
+                # kombu keeps priorities in sibling lists "<queue>\x06\x16<n>"
+                for name in [queue, *(f"{queue}\x06\x16{p}" for p in range(1, 10))]:
+                    for raw in client.lrange(name, 0, -1):
+                        try:
+                            found.add(json.loads(raw)["headers"]["id"])
+                        except (ValueError, KeyError, TypeError):
+                            continue
+    except Exception as exc:  # no answer from the broker: assume nothing is queued (re-send; harmless)
+        log.warning("baton: could not list queued messages: %s", exc)
+    return found
+
+
 def advance_runs(runtime: Runtime, run_ids: list[str]) -> None:
+    if run_ids:
+        runtime.ensure_broker()
     for run_id in dict.fromkeys(run_ids):
         runtime.advance_task.apply_async((run_id,), kwargsrepr=repr({"baton_run": run_id}))
 
@@ -73,6 +103,7 @@ def revoke(runtime: Runtime, ids: list[str], terminate: bool = False) -> None:
     if not ids:
         return
     try:
+        runtime.ensure_broker()
         runtime.app.control.revoke(ids, terminate=terminate, signal="SIGKILL" if terminate else "SIGTERM")
     except Exception as exc:  # revocation is an optimisation: late results are ignored anyway
         log.warning("baton: could not revoke %d task(s): %s", len(ids), exc)

@@ -105,7 +105,7 @@ def find_redis_server() -> Path:
     )
 
 
-def embedded_broker_url(data_dir: Path, *, timeout: float = _DEFAULT_TIMEOUT) -> str:
+def embedded_broker_url(data_dir: Path, *, timeout: float = _DEFAULT_TIMEOUT, start: bool = True) -> str:
     """Return ``redis+socket://<socket path>`` for the embedded server of ``data_dir``, starting it if needed.
 
     Safe to call from many processes at once: a ``flock`` on ``data_dir/redis.lock`` lets one of them
@@ -115,6 +115,7 @@ def embedded_broker_url(data_dir: Path, *, timeout: float = _DEFAULT_TIMEOUT) ->
     Args:
         data_dir: directory for the socket, config, log and AOF; created (mode 700) if missing.
         timeout: seconds to wait for the lock and for the server to answer.
+        start: False computes the URL only (the server is started later, on first use).
 
     Raises:
         EmbeddedBrokerError: no binary, the server failed to start, or it did not answer within ``timeout``.
@@ -122,7 +123,7 @@ def embedded_broker_url(data_dir: Path, *, timeout: float = _DEFAULT_TIMEOUT) ->
     data_dir = _prepare(data_dir)
     sock = _socket_path(data_dir)
     url = f"redis+socket://{sock}"
-    if _probe(sock) is _State.READY:
+    if not start or _probe(sock) is _State.READY:
         return url
     deadline = time.monotonic() + timeout
     with _locked(data_dir, deadline):

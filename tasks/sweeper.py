@@ -83,7 +83,10 @@ class Sweeper:
             with store.tx() as conn:
                 rt.fire_timer(store, conn, timer_id, out)
         with store.tx() as conn:
-            dead, redo = rt.reclaim_dead_workers(conn, now, baton.dead_after)
+            dead, redo, maybe = rt.reclaim_dead_workers(conn, now, baton.dead_after)
+        if maybe:
+            queued = dispatch.queued_task_ids(self.runtime, maybe)
+            redo += [m.id for m in maybe if m.id not in queued]
         if dead:
             log.warning("baton: worker(s) %s stopped heartbeating; re-dispatching %d attempt(s)",
                         ", ".join(dead), len(redo))

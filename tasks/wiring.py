@@ -39,6 +39,9 @@ RELIABLE_DEFAULTS: dict[str, Any] = {
     "event_serializer": "json",
     "task_send_sent_event": True,
     "broker_connection_retry_on_startup": True,
+    # Fetch only with a free pool slot (Redis): no message sits prefetched, unstarted, in a
+    # worker that may die with it (it would wait for lost_after to be re-sent).
+    "worker_disable_prefetch": True,
 }
 
 
@@ -56,7 +59,10 @@ def configure_app(app: Any, allow_pickle: bool) -> None:
     if not app.conf.broker_url and not os.environ.get("CELERY_BROKER_URL"):
         from .embedded import embedded_broker_url
 
-        app.conf.broker_url = embedded_broker_url(embedded_home())
+        # Only the URL now: the server starts on first use (a publish, or a worker starting),
+        # so read-only commands like `baton ls` leave no daemon behind.
+        app.conf.broker_url = embedded_broker_url(embedded_home(), start=False)
+        app.conf.baton_embedded_home = str(embedded_home())
     changes = app.conf.changes
     for key, value in RELIABLE_DEFAULTS.items():
         if key not in changes:
@@ -110,14 +116,29 @@ class Runtime:
         self.cache = Cache(baton.cache_size)
         runtime = self
 
-        def advance_run(run_id: str) -> None:
+        def advance_run(task: Any, run_id: str) -> None:
             """Baton's internal task: advance one run (idempotent; safe to redeliver)."""
-            advance.advance(runtime, run_id)
+            host = getattr(task.request, "hostname", None)
+            advance.advance(runtime, run_id, publisher=activities.worker_id(str(host)) if host else None)
 
-        self.advance_task = self.app.task(name="baton.advance", ignore_result=True, acks_late=True)(advance_run)
+        self.advance_task = self.app.task(name="baton.advance", bind=True, ignore_result=True,
+                                          acks_late=True)(advance_run)
         activities.connect(self)
         sweeper.install(self)
         signals.worker_process_init.connect(self._after_fork, weak=False)
+        signals.worker_init.connect(lambda **_: self.ensure_broker(), weak=False)
+        self._broker_ready = False
+
+    def ensure_broker(self) -> None:
+        """Start the embedded broker if this app uses it and it is not running (cheap after once)."""
+        if self._broker_ready:
+            return
+        home = self.app.conf.get("baton_embedded_home")
+        if home:
+            from .embedded import embedded_broker_url
+
+            embedded_broker_url(Path(home))
+        self._broker_ready = True
 
     # ------------------------------------------------------------ process state
     @property

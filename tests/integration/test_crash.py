@@ -28,7 +28,16 @@ def test_worker_killed_mid_activity(cluster: Cluster) -> None:
     cluster.kill(w1)
     killed_at = time.monotonic()
     cluster.start_worker(concurrency=2)
-    results = [r.result(timeout=90) for r in runs]
+    try:
+        results = [r.result(timeout=90) for r in runs]
+    except TimeoutError:
+        for r in runs:
+            if r.status() == "running":
+                print(r.id, r.info()["waiting"], [(t.id, t.state, t.worker, t.dispatches, t.published_at,
+                                                  t.started_at) for t in store.task_rows(r.run_id)])
+        print("workers", [(w.id, w.last_beat) for w in store.workers()])
+        print(cluster.logs()[-20000:])
+        raise
     assert time.monotonic() - killed_at < 60, "runs took more than 60 s to recover from the kill"
     assert results[:4] == [[0, 1, 2, 3]] * 4
     assert results[4:] == [15, 15]
