@@ -7,7 +7,9 @@
 - ``BENCH_DB``: Baton's database URL (Baton side);
 - ``BENCH_BACKEND``: the result backend URL (bare side; chords need one);
 - ``BENCH_QUEUE``: the queue both the client and the worker use;
-- ``BENCH_CACHE_SIZE``: Baton's live-generator cache size per process (default: Baton's own).
+- ``BENCH_CACHE_SIZE``: Baton's live-generator cache size per process (default: Baton's own);
+- ``BENCH_BARE_DEFAULTS=1``: the bare side keeps Celery's defaults instead of Baton's delivery settings;
+- ``BENCH_SQL_STATS=<prefix>``: count and time every SQL statement (``bench/profile.py --sql``).
 
 The client process (``bench/run.py``) calls :func:`build_baton` and :func:`build_bare` itself with
 the same URLs, so both sides share task names: ``bench.noop`` on each.
@@ -104,6 +106,8 @@ def build_bare(broker: str, backend: str, queue: str = "bench") -> NS:
     if os.environ.get("BENCH_BARE_DEFAULTS") != "1":
         for key, value in RELIABLE_DEFAULTS.items():
             app.conf[key] = value
+    # Baton turns on task-sent events for Flower; that is a cost of Baton's, not of Celery's.
+    app.conf.task_send_sent_event = False
     client: dict[str, Any] = {}
 
     def r() -> Any:

@@ -258,7 +258,6 @@ class Env:
 
         self.baton_ns = build_baton(self.baton_broker, self.client_db_url, self.queue)
         self.bare_ns = build_bare(self.bare_broker, self.bare_backend, self.queue)
-        self.bare_ns.app.conf.task_send_sent_event = False
         return self
 
     def close(self) -> None:
@@ -573,11 +572,25 @@ def scen_thru(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     return m.rows("3 throughput", f"tasks/s, {runs} x {steps}-step", "≥ 0.7x", lambda r: r >= 0.7, total, "task")
 
 
-def _window(times: dict[int, float], k: int, width: int = 20) -> float:
-    """Median latency (ms) of the ``width`` steps ending at step ``k``: decision k+1 minus decision k."""
-    lo = max(1, k - width + 1)
-    lat = [(times[s + 1] - times[s]) * 1000 for s in range(lo, k + 1) if s in times and s + 1 in times]
+def _window(times: dict[int, float], k: int, width: int = 50) -> float:
+    """Median latency (ms) of the ``width`` steps around step ``k`` (ending at ``k`` near the end):
+    decision s+1 minus decision s."""
+    last = max(times) - 1
+    hi = min(last, k + width // 2)
+    lo = max(1, hi - width + 1)
+    lat = [(times[s + 1] - times[s]) * 1000 for s in range(lo, hi + 1) if s in times and s + 1 in times]
     return med(lat)
+
+
+def _slope(times: dict[int, float]) -> float:
+    """Least-squares slope of per-step latency (ms) against step number, in ms per 1,000 steps."""
+    pts = [(s, (times[s + 1] - times[s]) * 1000) for s in sorted(times) if s + 1 in times]
+    if len(pts) < 3:
+        return 0.0
+    mx = sum(x for x, _ in pts) / len(pts)
+    my = sum(y for _, y in pts) / len(pts)
+    var = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / var * 1000 if var else 0.0
 
 
 def replay_in_process(env: Env, run_id: str, profile: bool = False) -> tuple[float, float, int, str]:
@@ -621,9 +634,11 @@ def scen_hist(env: Env, size: dict[str, Any], reps: int, bare_too: bool = True) 
              run_rows(env, [h.id])[0].step >= n + 1, n * 0.2 + 60, f"long run to reach step {n}", 0.25)
     baton_total = time.time() - t0
     times = step_times(env, h.id)
+    times = {k: v for k, v in times.items() if k <= n + 1}
     baton_at = {k: _window(times, k) for k in points}
+    slope = _slope(times)
     log(f"hist baton: {n} steps in {baton_total:.1f}s; " +
-        ", ".join(f"step {k}: {v:.2f} ms" for k, v in baton_at.items()))
+        ", ".join(f"step {k}: {v:.2f} ms" for k, v in baton_at.items()) + f"; slope {slope:.2f} ms per 1,000 steps")
 
     # warm hop: signal with the worker that advanced the run up
     t0 = time.time()
@@ -651,14 +666,17 @@ def scen_hist(env: Env, size: dict[str, Any], reps: int, bare_too: bool = True) 
         bare_wait(env, key, 1, n * 0.5 + 120)
         raw = _redis(env).lrange(stamp, 0, -1)
         stamps = {int(x.split(b":")[0]) + 1: float(x.split(b":")[1]) for x in raw}  # 1-based step numbers
-        bare_at = {k: _window(stamps, k) if k < n else _window(stamps, k - 1) for k in points}
+        bare_at = {k: _window(stamps, k) for k in points}
         log(f"hist bare: {n} steps in {time.time() - t0:.1f}s; " +
             ", ".join(f"step {k}: {v:.2f} ms" for k, v in bare_at.items()))
-    rows = [Row("4 history", f"ms per step around step {k}", baton_at[k], bare_at.get(k)) for k in points]
+    rows = [Row("4 history", f"ms per step around step {k} (median of 50 steps)", baton_at[k], bare_at.get(k))
+            for k in points]
     first, last = points[0], points[-1]
     ratio = baton_at[last] / baton_at[first]
     rows.append(Row("4 history", f"step {last} / step {first} (Baton)", None, None, "≤ 1.5", ratio <= 1.5,
                     ratio=ratio))
+    rows.append(Row("4 history", f"trend: least-squares slope of step latency over all {n} steps, ms per 1,000 "
+                    "steps", slope, None))
     rows.append(Row("4 history", f"warm signal hop at step {n + 1} (s)", warm, None))
     rows.append(Row("4 history", f"cold resume after restart, {n}-step history (s)", cold, None, "< 0.5 s",
                     cold < 0.5, note=f"in-process: load {nev} events {load_s:.3f} s + replay {replay_s:.3f} s"))
@@ -800,6 +818,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet-load", type=float, default=None,
                    help="before starting, wait (up to --quiet-wait s) until the 1-minute load average is below this")
     p.add_argument("--quiet-wait", type=float, default=600)
+    p.add_argument("--bare-celery-defaults", action="store_true",
+                   help="bare side with Celery's own defaults (early ack, prefetch 4) instead of Baton's settings")
     p.add_argument("--json", default=None, help="write all measurements to this file")
     p.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema and the worker logs")
     for key in ("seq", "fan", "hist", "mem"):
@@ -812,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.hist_size:
         size["points"] = (*(k for k in (50, 500, 5000) if k < a.hist_size), a.hist_size)
     reps = a.reps or size["reps"]
+    if a.bare_celery_defaults:
+        os.environ["BENCH_BARE_DEFAULTS"] = "1"  # read by bench.app.build_bare, here and in the bare worker
     only = [s.strip() for s in a.only.split(",") if s.strip()]
     for s in only:
         if s not in SCENARIOS:
