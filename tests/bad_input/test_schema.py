@@ -106,7 +106,7 @@ def test_worker_on_an_older_schema_refuses_to_start(tmp_path: Path) -> None:
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     began = time.monotonic()
     try:
-        wait_until(lambda: proc.poll() is not None or time.monotonic() - began > 10, 20, "the worker to exit")
+        wait_until(lambda: proc.poll() is not None or time.monotonic() - began > 8, 20, "the worker to exit")
         assert proc.poll() not in (None, 0), "the worker kept running on a database it cannot use"
         assert "baton -A <app> migrate" in log.read_text(errors="replace")
     finally:

@@ -6,17 +6,15 @@ workers lack the ``never_yields`` workflow until the last test "deploys" it.
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
 from sdk.serde import DEFAULT_MAX_PAYLOAD
-from tests.bad_input.conftest import dispose, make_cli
-from tests.chaos.support import REDIS, ChaosCluster, verify_runs, wait_until
+from tests.bad_input.conftest import make_cli
+from tests.chaos.support import ChaosCluster, backend_cluster, verify_runs, wait_until
 
 pytestmark = [pytest.mark.bad_input, pytest.mark.timeout(120)]
 
@@ -25,26 +23,9 @@ LACKING = "never_yields"
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def workers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosCluster]:
-    from tests.conftest import _pg_schema_url
-
-    tmp = tmp_path_factory.mktemp(f"bad-{request.param}")
-    schema = None
-    if request.param == "sqlite":
-        db = f"sqlite:///{tmp / 'baton.sqlite3'}"
-    else:
-        schema = _pg_schema_url()
-        db = next(schema)
-    broker = f"{REDIS}/{os.environ.get('TEST_REDIS_DB', '7')}"
-    redis.Redis.from_url(broker).flushdb()
-    cluster = ChaosCluster(broker, db, tmp, lost_after=30.0)
-    try:
-        cluster.start_workers(1, concurrency=2, BATON_TEST_OMIT=LACKING)
-        yield cluster
-    finally:
-        cluster.stop()
-        dispose(db)
-        if schema is not None:
-            next(schema, None)
+    with backend_cluster(request.param, tmp_path_factory.mktemp(f"bad-{request.param}"), lost_after=30.0) as c:
+        c.start_workers(1, concurrency=2, BATON_TEST_OMIT=LACKING)
+        yield c
 
 
 def ghost_run(workers: ChaosCluster) -> Any:

@@ -148,14 +148,16 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
         return sum(vals)
 
     @workflow
-    def hung(key: str, seconds: float, timeout: float):  # type: ignore[no-untyped-def]
-        out = yield step(hang_once.s(key, seconds), retry=RetryPolicy(max_attempts=3, initial_interval=0.1),
-                         timeout=timeout)
+    def hung(key: str, seconds: float, timeout: float, queue: str | None = None):  # type: ignore[no-untyped-def]
+        sig = hang_once.s(key, seconds)
+        out = yield step(sig.set(queue=queue) if queue else sig,
+                         retry=RetryPolicy(max_attempts=3, initial_interval=0.1), timeout=timeout)
         return out
 
     @workflow
-    def stuck(seconds: float, key: str):  # type: ignore[no-untyped-def]
-        out = yield sleepy.s(seconds, "slept", key)
+    def stuck(seconds: float, key: str, queue: str | None = None):  # type: ignore[no-untyped-def]
+        sig = sleepy.s(seconds, "slept", key)
+        out = yield (sig.set(queue=queue) if queue else sig)
         return out
 
     # ------------------------------------------------------------ bad input that reaches a worker

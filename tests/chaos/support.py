@@ -233,26 +233,28 @@ class ChaosCluster:
         return env
 
     def start_worker(self, concurrency: int = 2, pool: str = "prefork", wait: bool = True,
-                     **env: str) -> subprocess.Popen[bytes]:
+                     queues: tuple[str, ...] = (), **env: str) -> subprocess.Popen[bytes]:
+        """One worker on the cluster's queue (plus ``queues``, to route activities to it)."""
         self.n += 1
         name = f"c{self.n}-{self.queue}@%h"
         log = open(self.tmp / f"worker{self.n:03d}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tests.chaos.chaos_app", "worker", "-P", pool,
-             "-c", str(concurrency), "-n", name, "-Q", self.queue, "--without-mingle", "--without-gossip",
+             "-c", str(concurrency), "-n", name, "-Q", ",".join([self.queue, *queues]),
+             "--without-mingle", "--without-gossip",
              "--without-heartbeat", "-l", "INFO"],
             cwd=ROOT, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.procs.append(proc)
-        self.envs[proc.pid] = {"concurrency": str(concurrency), "pool": pool, **env}
+        self.envs[proc.pid] = {"concurrency": str(concurrency), "pool": pool, "queues": ",".join(queues), **env}
         if wait:
             self.wait_ready(proc)
         return proc
 
-    def start_workers(self, n: int, concurrency: int = 2, pool: str = "prefork",
+    def start_workers(self, n: int, concurrency: int = 2, pool: str = "prefork", queues: tuple[str, ...] = (),
                       **env: str) -> list[subprocess.Popen[bytes]]:
         """Start ``n`` workers at once (their start-up overlaps), then wait for all of them."""
-        procs = [self.start_worker(concurrency, pool, wait=False, **env) for _ in range(n)]
+        procs = [self.start_worker(concurrency, pool, wait=False, queues=queues, **env) for _ in range(n)]
         for proc in procs:
             self.wait_ready(proc)
         return procs
@@ -304,9 +306,10 @@ class ChaosCluster:
         for proc in list(self.procs):
             if proc.poll() is not None and self.envs.get(proc.pid, {}).get("replaced") != "1":
                 spec = dict(self.envs[proc.pid])
-                spec_env = {k: v for k, v in spec.items() if k not in ("concurrency", "pool", "replaced")}
+                spec_env = {k: v for k, v in spec.items() if k not in ("concurrency", "pool", "replaced", "queues")}
                 self.envs[proc.pid]["replaced"] = "1"
-                self.start_worker(int(spec["concurrency"]), spec["pool"], wait=wait, **spec_env)
+                self.start_worker(int(spec["concurrency"]), spec["pool"], wait=wait,
+                                  queues=tuple(q for q in spec["queues"].split(",") if q), **spec_env)
                 self.replaced += 1
                 started += 1
         return started
@@ -332,6 +335,31 @@ class ChaosCluster:
                 if store.reader is not store.engine:
                     store.reader.dispose()
                 Store._cache.pop(key, None)
+
+
+@contextmanager
+def backend_cluster(backend: str, tmp: Path, **knobs: float) -> Iterator[ChaosCluster]:
+    """A cluster on a fresh database of ``backend`` (sqlite file or PostgreSQL schema) and the
+    test Redis db (flushed), for fixtures wider than one test (the root ``db_url`` is per test)."""
+    import redis
+
+    from tests.conftest import _pg_schema_url
+
+    schema = None
+    if backend == "sqlite":
+        db = f"sqlite:///{tmp / 'baton.sqlite3'}"
+    else:
+        schema = _pg_schema_url()
+        db = next(schema)
+    broker = counter_url()
+    redis.Redis.from_url(broker).flushdb()
+    cluster = ChaosCluster(broker, db, tmp, **knobs)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if schema is not None:
+            next(schema, None)
 
 
 # ---------------------------------------------------------------- what "survived" means
@@ -366,18 +394,48 @@ def verify_runs(baton: Any, expected: list[tuple[Any, Any]], failures_ok: bool =
     consumed. Failed attempts are problems unless ``failures_ok`` (a test of retries). All
     problems are collected, then reported together.
     """
+    from collections import defaultdict
+
+    from sqlalchemy import select
+
+    from persistence.store import events_t, row_event, runs, signals_t, tasks_t, timers_t
     from sdk import serde
 
     store = baton.store
     rep = Report()
     seen: set[str] = set()
+    # One read per table (the database belongs to the test), grouped by run in memory.
+    with store.read() as conn:
+        run_rows = {r.run_id: r for r in conn.execute(select(runs))}
+        events_by: dict[str, list[Any]] = defaultdict(list)
+        for r in conn.execute(select(events_t).order_by(events_t.c.run_id, events_t.c.seq)):
+            events_by[r.run_id].append(row_event(r))
+        tasks_by: dict[str, list[Any]] = defaultdict(list)
+        for r in conn.execute(select(tasks_t)):
+            tasks_by[r.run_id].append(r)
+        timers_by: dict[str, list[Any]] = defaultdict(list)
+        for r in conn.execute(select(timers_t)):
+            timers_by[r.run_id].append(r)
+        signals_by: dict[str, list[Any]] = defaultdict(list)
+        for r in conn.execute(select(signals_t)):
+            signals_by[r.run_id].append(r)
+    children_of: dict[str, list[str]] = defaultdict(list)
+    for r in run_rows.values():
+        if r.parent_run_id:
+            children_of[r.parent_run_id].append(r.run_id)
+
+    def newest(run_id: str) -> str:
+        row = run_rows.get(run_id)
+        while row is not None and row.next_run_id and row.next_run_id in run_rows:
+            row = run_rows[row.next_run_id]
+        return row.run_id if row is not None else run_id
 
     def check(run_id: str, want: Any, check_result: bool) -> None:
         if run_id in seen:
             return
         seen.add(run_id)
         rep.runs += 1
-        row = store.get_run(run_id)
+        row = run_rows.get(run_id)
         if row is None:
             rep.problems.append(f"{run_id}: no run row")
             return
@@ -386,7 +444,7 @@ def verify_runs(baton: Any, expected: list[tuple[Any, Any]], failures_ok: bool =
             return
         if check_result and serde.loads(row.result) != want:
             rep.problems.append(f"{run_id}: result {serde.loads(row.result)!r}, expected {want!r}")
-        events = store.events(run_id)
+        events = events_by[run_id]
         seqs = [e.seq for e in events]
         if seqs != list(range(1, len(events) + 1)) or row.last_seq != len(events):
             rep.problems.append(f"{run_id}: history seqs not contiguous 1..{row.last_seq}: {seqs[:5]}...")
@@ -422,7 +480,7 @@ def verify_runs(baton: Any, expected: list[tuple[Any, Any]], failures_ok: bool =
                 elif leaf["kind"] == "signal":
                     rep.signals += 1
         final: dict[tuple[int, int], Any] = {}
-        for t in store.task_rows(run_id):
+        for t in tasks_by[run_id]:
             rep.dispatches += max(1, t.dispatches)
             if t.dispatches > 1:
                 rep.redispatched += 1
@@ -433,33 +491,49 @@ def verify_runs(baton: Any, expected: list[tuple[Any, Any]], failures_ok: bool =
         for (k, slot), t in final.items():
             if t.state != "done":
                 rep.problems.append(f"{run_id}: final attempt of step {k} slot {slot} is {t.state}")
-        for t in store.timer_rows(run_id):
+        for t in timers_by[run_id]:
             if not t.fired:
                 rep.problems.append(f"{run_id}: timer {t.id} ({t.kind}) never fired")
-        for s in store.signal_rows(run_id):
-            if s.consumed_step is None:
-                rep.problems.append(f"{run_id}: signal {s.id} ({s.name}) never consumed")
-        for child in store.list_runs(parent=run_id, limit=10_000):
+        for sig in signals_by[run_id]:
+            if sig.consumed_step is None:
+                rep.problems.append(f"{run_id}: signal {sig.id} ({sig.name}) never consumed")
+        for child in children_of[run_id]:
             rep.children += 1
-            check(child.run_id, None, False)
+            check(child, None, False)
 
     for handle, want in expected:
-        check(handle.run_id, want, True)
+        check(newest(handle.id), want, True)
     assert not rep.problems, f"{len(rep.problems)} problem(s):\n" + "\n".join(rep.problems[:40])
     return rep
 
 
 def wait_all(handles: list[Any], timeout: float, what: str = "every run to finish") -> None:
     """Wait until no run is still running (a store outage counts as "not yet")."""
-    pending = list(handles)
+    from sqlalchemy import select
+
+    from persistence.store import runs
+
+    pending = {h.id: h for h in handles}
+    if not handles:
+        return
+    store = handles[0].baton.store
 
     def done() -> bool:
-        nonlocal pending
-        pending = [h for h in pending if h.status() == "running"]
+        ids = list(pending)
+        with store.read() as conn:
+            rows = conn.execute(select(runs.c.run_id, runs.c.status, runs.c.next_run_id)
+                                .where(runs.c.run_id.in_(ids))).all()
+        for r in rows:
+            if r.next_run_id:  # a continue-as-new chain: ask the handle, which follows it
+                if pending[r.run_id].status() != "running":
+                    pending.pop(r.run_id)
+            elif r.status != "running":
+                pending.pop(r.run_id)
         return not pending
 
     try:
         wait_until(done, timeout, what, interval=0.25)
     except AssertionError as exc:
-        detail = ", ".join(f"{h.id}@step{h.checkpoint().step if h.checkpoint() else 0}" for h in pending[:10])
+        stuck = list(pending.values())[:10]
+        detail = ", ".join(f"{h.id}@step{h.checkpoint().step if h.checkpoint() else 0}" for h in stuck)
         raise AssertionError(f"{exc}; {len(pending)} still running: {detail}") from None

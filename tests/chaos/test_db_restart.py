@@ -45,7 +45,7 @@ def test_postgres_restarted_mid_run(private_pg: PgServer, broker_url: str, tmp_p
                 wait_until(lambda after=after: count(key) >= after, 60, f"{after} activities before the {mode} stop")
                 t0 = time.monotonic()
                 private_pg.stop(mode)
-                time.sleep(2.0)  # the outage: workers hit connection errors and retry
+                time.sleep(1.0)  # the outage: workers hit connection errors and retry
                 private_pg.start()
                 outages.append(time.monotonic() - t0)
             restarted = time.monotonic()
@@ -70,7 +70,7 @@ def test_sqlite_locked_mid_run(broker_url: str, tmp_path: Path) -> None:
         blocker = sqlite3.connect(path, timeout=30, isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")
         t0 = time.monotonic()
-        time.sleep(5.0)  # the outage: every writer and reader waits on the lock
+        time.sleep(4.0)  # the outage: every writer and reader waits on the lock
         blocker.execute("COMMIT")
         blocker.close()
         released = time.monotonic()

@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from sdk import serde
 from tasks.dispatch import HEADER_RUN, HEADER_STEP
-from tests.chaos.support import ChaosCluster, count, verify_runs, wait_until
+from tests.chaos.support import ChaosCluster, backend_cluster, count, verify_runs, wait_until
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def chaos(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosCluster]:
+    """One worker for the module: a threads pool, which cannot kill a timed-out attempt, so a
+    hung attempt really does return late; duplicates run side by side in its threads."""
+    with backend_cluster(request.param, tmp_path_factory.mktemp(f"dup-{request.param}")) as cluster:
+        cluster.start_workers(1, concurrency=4, pool="threads")
+        yield cluster
 
 
 def republish(chaos: ChaosCluster, row: Any) -> None:
@@ -32,7 +42,6 @@ def completions(run: Any) -> Counter[tuple[int | None, int | None]]:
 
 
 def test_same_message_delivered_twice(chaos: ChaosCluster) -> None:
-    chaos.start_workers(1, concurrency=3)
     key = f"dup-{chaos.queue}"
     run = chaos.ns.slow_seq.start(3, 1.0, key)
     fan = chaos.ns.slow_fan.start(3, 0.5, key)
@@ -70,8 +79,6 @@ def test_same_message_delivered_twice(chaos: ChaosCluster) -> None:
 
 
 def test_late_completion_after_timeout_retry(chaos: ChaosCluster) -> None:
-    # A threads pool cannot kill the timed-out attempt, so it really does return late.
-    chaos.start_workers(1, concurrency=4, pool="threads")
     key = f"late-{chaos.queue}"
     run = chaos.ns.hung.start(key, 6.0, 1.5)
     assert run.result(timeout=60) == "fresh"
