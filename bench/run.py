@@ -287,9 +287,10 @@ class Env:
             return [int(r[0]) for r in c.execute(text("SELECT pid FROM pg_stat_activity WHERE application_name = "
                                                       ":n"), {"n": f"{self.schema}_w"})]
 
-    def cpu(self) -> dict[str, float]:
-        """CPU seconds so far: Baton worker, its PostgreSQL backends, bare worker."""
-        return {"baton": self.baton_w.cpu() if self.baton_w else 0.0, "pg": cpu_seconds(self.pg_backends()),
+    def cpu(self) -> dict[str, Any]:
+        """CPU seconds so far: Baton worker, its PostgreSQL backends (by pid), bare worker."""
+        return {"baton": self.baton_w.cpu() if self.baton_w else 0.0,
+                "pg": {pid: cpu_seconds([pid]) for pid in self.pg_backends()},
                 "bare": self.bare_w.cpu() if self.bare_w else 0.0}
 
     def baton_env(self) -> dict[str, str]:
@@ -487,9 +488,12 @@ class Meter:
         value = fn()
         time.sleep(0.3)  # let the last acknowledgements and the pool's bookkeeping land
         after = self.env.cpu()
-        keys = ("baton", "pg") if side == "baton" else ("bare",)
-        for k in keys:
-            self.cpu[k].append(after[k] - before[k])
+        if side == "baton":
+            self.cpu["baton"].append(after["baton"] - before["baton"])
+            # per backend: one that closed meanwhile is not counted, one that opened counts from zero
+            self.cpu["pg"].append(sum(max(0.0, t - before["pg"].get(pid, 0.0)) for pid, t in after["pg"].items()))
+        else:
+            self.cpu["bare"].append(after["bare"] - before["bare"])
         self.wall[side].append(value)
         return value
 
