@@ -291,8 +291,13 @@ class ChaosCluster:
         return {int(w.rsplit("/", 1)[1]) for w in held if w and w.rsplit("/", 1)[1].isdigit()}
 
     def kill_random(self, rng: random.Random, prefer_busy: bool = True) -> subprocess.Popen[bytes] | None:
-        """SIGKILL a random live worker; by default one caught running an activity, if any is."""
-        live = self.alive()
+        """SIGKILL a random live, heartbeating worker; by default one caught running an activity.
+
+        Only workers that have heartbeated are victims: one killed before its first beat is
+        a separate case (``test_early_kill.py``), whose attempts Baton cannot reclaim yet.
+        """
+        beating = {w.id.rsplit("/", 1)[1] for w in self.baton.store.workers()}
+        live = [p for p in self.alive() if str(p.pid) in beating]
         if not live:
             return None
         busy = self.busy_pids() if prefer_busy else set()
@@ -535,5 +540,11 @@ def wait_all(handles: list[Any], timeout: float, what: str = "every run to finis
         wait_until(done, timeout, what, interval=0.25)
     except AssertionError as exc:
         stuck = list(pending.values())[:10]
-        detail = ", ".join(f"{h.id}@step{h.checkpoint().step if h.checkpoint() else 0}" for h in stuck)
-        raise AssertionError(f"{exc}; {len(pending)} still running: {detail}") from None
+        lines = []
+        for h in stuck:
+            ck = h.checkpoint()
+            tasks = [(t.id.rsplit(":", 3)[1:], t.state, t.worker, t.dispatches) for t in store.task_rows(h.run_id)]
+            lines.append(f"{h.id}@step{ck.step if ck else 0} tasks={tasks[-4:]}")
+        workers = [w.id for w in store.workers()]
+        raise AssertionError(f"{exc}; {len(pending)} still running:\n" + "\n".join(lines) +
+                             f"\nworkers heartbeating: {workers}") from None

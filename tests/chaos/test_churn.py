@@ -28,17 +28,20 @@ WORKERS = 3
 def start_mix(ns: Any, total: int = 200, offset: int = 0) -> tuple[list[tuple[Any, Any]], list[tuple[Any, int]]]:
     """Start ``total`` runs of every shape; returns (handle, expected result) and the signal waiters.
 
-    Shapes come round in a fixed cycle of 20 (6 seq, 5 fan, 3 timed, 3 signalled, 2 mixed,
-    1 family), so any batch of 20 has them all; ``offset`` continues the cycle across batches.
+    Shapes come round in a fixed cycle of 20 (5 fast and 1 slow sequence, 5 fan, 3 timed,
+    3 signalled, 2 mixed, 1 family), so any batch of 20 has them all; ``offset`` continues the
+    cycle across batches.
     """
     runs: list[tuple[Any, Any]] = []
     waiters: list[tuple[Any, int]] = []
-    cycle = ["seq"] * 6 + ["fan"] * 5 + ["timed"] * 3 + ["signalled"] * 3 + ["mixed"] * 2 + ["family"]
+    cycle = ["seq"] * 5 + ["slow"] + ["fan"] * 5 + ["timed"] * 3 + ["signalled"] * 3 + ["mixed"] * 2 + ["family"]
     plan = [cycle[(offset + n) % len(cycle)] for n in range(total)]
     for n, shape in enumerate(plan):
         i = offset + n
         if shape == "seq":
             runs.append((ns.seq.start(2, i), i + 2))
+        elif shape == "slow":  # a sequence of 1 s steps: what a kill most often catches in flight
+            runs.append((ns.slow_seq.start(2, 1.0, "churn"), [0, 1]))
         elif shape == "fan":
             runs.append((ns.fan.start(3), 3))
         elif shape == "timed":
