@@ -334,8 +334,14 @@ def reclaim_dead_workers(conn: Connection, now: datetime, dead_after: float
     """
     cutoff = now - timedelta(seconds=dead_after)
     rows = conn.execute(select(workers_t.c.id, workers_t.c.last_beat).where(workers_t.c.last_beat < cutoff)).all()
+    # A worker killed before its first heartbeat has no row at all: its attempts are orphans.
+    orphans = [r.id for r in conn.execute(select(tasks_t.c.id).where(
+        tasks_t.c.state == "started", tasks_t.c.started_at < cutoff,
+        tasks_t.c.worker.not_in(select(workers_t.c.id))))]
+    if orphans:
+        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(orphans)).values(state="scheduled", worker=None))
     if not rows:
-        return [], [], []
+        return [], orphans, []
     dead = [r.id for r in rows]
     # Anything published a moment ago or earlier may have been fetched by a dead worker (its
     # last beat can predate its last fetch); the caller drops those still queued.
@@ -349,7 +355,7 @@ def reclaim_dead_workers(conn: Connection, now: datetime, dead_after: float
         tasks_t.c.state == "scheduled", tasks_t.c.published_at.is_not(None), tasks_t.c.published_at <= settled,
         tasks_t.c.id.not_in(ids) if ids else tasks_t.c.id.is_not(None))))
     conn.execute(workers_t.delete().where(workers_t.c.id.in_(dead)))
-    return dead, ids, maybe
+    return dead, ids + orphans, maybe
 
 
 def tasks_to_publish(conn: Connection, now: datetime, lost_after: float, limit: int = 500) -> list[str]:

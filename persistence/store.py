@@ -293,9 +293,14 @@ class Store:
         return int(pk[0]) if pk else 0
 
     def set_status(self, conn: Connection, run_id: str, status: RunStatus, error: str | None = None) -> None:
-        conn.execute(update(runs).where(runs.c.run_id == run_id)
-                     .values(status=status.value, error=error, updated_at=utcnow(), needs_advance=True,
-                             advance_requested_at=utcnow()))
+        """Set a run's status directly (resume, or an ending that needs no generator)."""
+        now = utcnow()
+        values: dict[str, Any] = {"status": status.value, "error": error, "updated_at": now}
+        if status.terminal:
+            values.update(needs_advance=False, finished_at=now, waiting="[]")
+        else:
+            values.update(needs_advance=True, advance_requested_at=now)
+        conn.execute(update(runs).where(runs.c.run_id == run_id).values(**values))
 
     # ------------------------------------------------------------ workers and leases
     def heartbeat(self, worker_id: str, hostname: str, pid: int, registered: list[str] | None = None) -> None:

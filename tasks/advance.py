@@ -17,9 +17,9 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from persistence import runtime as rt
 from persistence.models import utcnow
-from sdk.errors import WorkflowNotFound
-from sdk.events import Event, RunStatus
-from sdk.replay import InboxSignal, Instance
+from sdk.errors import BatonError, WorkflowNotFound
+from sdk.events import Decision, Event, RunStatus
+from sdk.replay import InboxSignal, Instance, failure
 
 from . import dispatch
 from .faults import fault
@@ -97,8 +97,12 @@ def _decide(runtime: Runtime, conn: Connection, run: Any, appended: Event | None
     else:
         events = store.events(run.run_id, after=inst.seq, conn=conn)
     now = utcnow()
-    decision = inst.activate(events, now=now, decided_seq=run.decided_seq,
-                             inbox=lambda: [InboxSignal(i, n, p) for i, n, p in rt.inbox(conn, run.run_id)])
+    try:
+        decision = inst.activate(events, now=now, decided_seq=run.decided_seq,
+                                 inbox=lambda: [InboxSignal(i, n, p) for i, n, p in rt.inbox(conn, run.run_id)])
+    except BatonError as exc:  # a corrupt history: block the run visibly rather than retry forever
+        inst.poisoned = True
+        decision = Decision(status=RunStatus.BLOCKED, error=failure(exc))
     if decision.status is RunStatus.BLOCKED:
         log.error("baton: run %s blocked: %s", run.run_id, (decision.error or {}).get("message"))
     out = rt.commit_decision(store, conn, run, decision, now, publisher)

@@ -56,7 +56,9 @@ class Sweeper:
 
     def loop(self) -> None:
         interval = self.runtime.baton.sweep_interval
-        while not self.stop_event.wait(interval):
+        wait = 0.0  # beat at once: a worker may take tasks before its first interval is up
+        while not self.stop_event.wait(wait):
+            wait = interval
             try:
                 self.tick()
             except Exception as exc:  # a database outage must not kill the thread

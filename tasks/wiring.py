@@ -69,7 +69,8 @@ def configure_app(app: Any, allow_pickle: bool) -> None:
             app.conf[key] = value
     accepted = {str(c).lower() for c in (app.conf.accept_content or ())}
     accepted |= {str(app.conf.task_serializer).lower(), str(app.conf.result_serializer).lower()}
-    if any("pickle" in c for c in accepted) and not allow_pickle:
+    # kombu names pickle "pickle" or by its content type "application/x-python-serialize"
+    if any("pickle" in c or "python-serialize" in c for c in accepted) and not allow_pickle:
         raise BatonError(
             f"Celery app {app.main!r} accepts pickle ({sorted(accepted)}), which lets anyone who can publish "
             "to the broker run code on your workers; set accept_content=['json'] and json serializers, "
@@ -126,8 +127,17 @@ class Runtime:
         activities.connect(self)
         sweeper.install(self)
         signals.worker_process_init.connect(self._after_fork, weak=False)
-        signals.worker_init.connect(lambda **_: self.ensure_broker(), weak=False)
+        signals.worker_init.connect(self._worker_init, weak=False)
         self._broker_ready = False
+
+    def _worker_init(self, **_: Any) -> None:
+        """Refuse to start a worker on an unusable store (e.g. an older schema), before any task."""
+        try:
+            self.store.ensure_schema()
+        except BatonError as exc:
+            log.critical("baton: %s", exc)
+            raise SystemExit(f"baton: {exc}") from None  # BaseException: Celery's signal dispatch lets it out
+        self.ensure_broker()
 
     def ensure_broker(self) -> None:
         """Start the embedded broker if this app uses it and it is not running (cheap after once)."""
@@ -243,6 +253,14 @@ def cancel_run(store: Store, run_id: str, reason: str, out: rt.Outbox) -> bool:
             rt._close_outstanding(conn, run, out, cancel_children=True)
             return True
         ok = store.append_input(conn, run, "cancel_requested", payload={"reason": reason}, key="cancel")
+        if not ok and run.status == RunStatus.RUNNING.value:
+            # Cancelled before, and still running: the generator swallowed Cancelled. A second
+            # cancel ends the run without its cooperation.
+            error = serde.dumps({"type": "Cancelled", "message": reason or "cancelled (forced)", "traceback": "",
+                                 "forced": True}, "error")
+            store.set_status(conn, run_id, RunStatus.CANCELLED, error)
+            rt._close_outstanding(conn, run, out, cancel_children=True)
+            return True
     if ok:
         out.advance.append(run_id)
     return ok
