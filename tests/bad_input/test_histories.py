@@ -3,8 +3,9 @@
 Arbitrary and corrupt histories fed to the pure engine are the hypothesis fuzz tests' job
 (``tests/unit/test_fuzz.py``: ``test_arbitrary_histories_raise_nothing_but_baton_errors`` and
 ``test_corrupt_payloads_raise_a_baton_error``); they are not repeated here. This module checks
-the same promise end to end: a history row edited by hand in the store surfaces as a
-``BatonError`` naming the run and the event, and the run is not silently re-driven forever.
+the same promise end to end: a history row edited by hand in the store blocks the run with a
+``BatonError`` naming the run and the event, instead of being re-driven (and its activity
+re-run) forever.
 """
 
 from __future__ import annotations
@@ -43,26 +44,18 @@ def record_and_advance(ns: NS, run_id: str, task_id: str) -> None:
     advance.advance(ns.baton.runtime, run_id, before=record)
 
 
-def test_corrupt_history_raises_a_baton_error_naming_the_event(offline: NS) -> None:
-    run_id, task_id = corrupt_started_event(offline)
-    with pytest.raises(BatonError) as err:
-        record_and_advance(offline, run_id, task_id)
-    text = str(err.value)
-    assert run_id in text and "corrupt history" in text and "seq 1 (started)" in text
-    events = offline.baton.store.events(run_id)
-    assert [e.kind for e in events if e.kind == "activity_completed"] == [], "half a transaction was committed"
-
-
-@pytest.mark.xfail(strict=True, reason="bug: a corrupt history is not surfaced on the run: advance() raises the "
-                   "BatonError and rolls back, so the run stays 'running' (the sweeper re-drives it, and in a "
-                   "worker's task_postrun the pool process exits and the message is redelivered, forever) instead "
-                   "of becoming 'blocked' with the error")
 def test_corrupt_history_blocks_the_run_visibly(offline: NS) -> None:
     run_id, task_id = corrupt_started_event(offline)
     try:
         record_and_advance(offline, run_id, task_id)
     except BatonError:
-        pass
+        pass  # raising is allowed too; what matters is what the run shows
     info = offline.baton.get(run_id).info()
     assert info["status"] == "blocked", info["status"]
-    assert "corrupt history" in (info["error"] or {}).get("message", "")
+    error = info["error"] or {}
+    assert error.get("type") == "BatonError"
+    assert run_id in error["message"] and "corrupt history" in error["message"]
+    assert "seq 1 (started)" in error["message"], "the error should name the event"
+    # Blocked, not re-driven: the sweeper leaves it alone until someone fixes the store and resumes it.
+    row = offline.baton.store.get_run(run_id)
+    assert not row.needs_advance

@@ -91,8 +91,6 @@ def test_cli_on_an_older_schema_says_how_to_migrate(tmp_path: Path) -> None:
     one_line_error(res.returncode, res.stdout, res.stderr, "schema version 0", "migrate")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a worker on an older-schema database does not refuse to start (design "
-                   "§3): it keeps consuming tasks while its sweeper logs the StoreError every second")
 def test_worker_on_an_older_schema_refuses_to_start(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
     set_version(url, SCHEMA_VERSION - 1)

@@ -123,8 +123,6 @@ def test_except_exception_does_not_catch_cancelled(offline: NS) -> None:
     assert info["status"] == "cancelled" and info["result"] is None
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a generator that swallows Cancelled and keeps yielding can never be "
-                   "stopped: the second cancel() finds the 'cancel' key taken and returns False on a running run")
 def test_generator_swallowing_cancelled_forever_can_still_be_stopped(offline: NS) -> None:
     handle = offline.swallows_forever.start("k")
     drive(offline, handle, results={"c.echo": "k"})
