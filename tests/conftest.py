@@ -150,6 +150,15 @@ def cluster(broker_url: str, db_url: str, tmp_path: Path) -> Iterator[Cluster]:
         __import__("persistence.store", fromlist=["Store"]).Store.forget_all()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each test process gets its own Redis db (they flush it per test)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw") and "TEST_REDIS_DB_BASE_SET" not in os.environ:
+        base = int(os.environ.get("TEST_REDIS_DB", "7"))
+        os.environ["TEST_REDIS_DB"] = str(base + int(worker[2:]))
+        os.environ["TEST_REDIS_DB_BASE_SET"] = "1"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         path = str(item.fspath)

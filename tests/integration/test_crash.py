@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from datetime import UTC, datetime
 
 import pytest
 
@@ -20,11 +21,14 @@ def test_worker_killed_mid_activity(cluster: Cluster) -> None:
     runs += [cluster.ns.slow_fanout.start(6, 1.5, key) for _ in range(2)]
     store = cluster.baton.store
 
-    def w1_busy() -> bool:
-        return any(t.state == "started" and t.worker and t.worker.endswith(f"/{w1.pid}")
-                   for r in runs for t in store.task_rows(r.run_id))
+    def w1_fresh() -> list[str]:
+        """Attempts worker 1 started under a second ago: still running (they take 1.5 s) when we kill."""
+        now = datetime.now(UTC)
+        return [t.id for r in runs for t in store.task_rows(r.run_id)
+                if t.state == "started" and t.worker and t.worker.endswith(f"/{w1.pid}") and t.started_at
+                and (now - t.started_at.replace(tzinfo=t.started_at.tzinfo or UTC)).total_seconds() < 1.0]
 
-    wait_for(w1_busy, 60, "worker 1 to be running an activity")
+    held = wait_for(w1_fresh, 60, "worker 1 to start an activity")
     cluster.kill(w1)
     killed_at = time.monotonic()
     cluster.start_worker(concurrency=2)
@@ -46,6 +50,8 @@ def test_worker_killed_mid_activity(cluster: Cluster) -> None:
         assert done and max(done.values()) == 1, f"{r.id}: a step's completion was recorded twice"
         steps = {e.step for e in r.history() if e.kind == "step_scheduled"}
         assert len(done) == (4 if r.id.startswith("slow_sequence") else 6) and len(steps) >= 1
-    redispatched = [t for r in runs for t in store.task_rows(r.run_id) if t.dispatches > 1]
-    assert redispatched, "the sweeper re-dispatched nothing: the kill hit no activity?"
+    rows = {t.id: t for r in runs for t in store.task_rows(r.run_id)}
+    for tid in held:  # what the dead worker held was re-sent and finished by another worker
+        assert rows[tid].state == "done" and rows[tid].dispatches > 1, (tid, rows[tid])
+        assert not rows[tid].worker.endswith(f"/{w1.pid}"), (tid, rows[tid].worker)
     assert w2.poll() is None
