@@ -141,7 +141,7 @@ def describe_waiting(waiting: list[dict[str, Any]]) -> str:
     parts = []
     for (kind, name), n in groups.items():
         label = {"activity": name, "signal": f"signal {name!r}", "timer": f"timer ({name or 'sleep'})",
-                 "child": f"child run {name}"}.get(kind, f"{kind} {name}".strip())
+                 "child": f"child run {name}", "more": f"{name} (not listed)"}.get(kind, f"{kind} {name}".strip())
         parts.append(f"{n} x {label}" if n > 1 else label)
     return ", ".join(parts)
 

@@ -80,6 +80,13 @@ class _Step:
     attempts: list[int]
     settled: list[int] = field(default_factory=list)
     done: bool = False
+    leaf_desc: list[dict[str, Any]] = field(default_factory=list)  # computed once: digests are not free
+    has_signal: bool = False
+
+
+# A checkpoint's waiting list names at most this many open slots, then counts the rest: a
+# 1,000-way fan-out must not rewrite 1,000 descriptions on every completion.
+MAX_WAITING_LISTED = 20
 
 
 def failure(exc: BaseException) -> dict[str, Any]:
@@ -328,7 +335,7 @@ class Instance:
 
     def _offer_inbox(self, source: Sequence[InboxSignal] | Callable[[], Sequence[InboxSignal]]) -> None:
         cur = self.current
-        if self.finished or cur is None or cur.done or not any(
+        if self.finished or cur is None or cur.done or not cur.has_signal or not any(
                 isinstance(leaf, SignalWait) and cur.outcomes[i] is None for i, leaf in enumerate(cur.spec.leaves)):
             return
         inbox = source() if callable(source) else source
@@ -378,7 +385,8 @@ class Instance:
                 method, value = self._value_step(spec)
                 continue
             try:
-                self._check_arguments(spec)
+                if self.step + 1 not in self.scheduled:  # recorded steps were checked when recorded
+                    self._check_arguments(spec)
             except SerializationError as exc:
                 method, value = "throw", exc  # refused at the yield, like a bad yield
                 continue
@@ -461,7 +469,8 @@ class Instance:
         self.step = k
         desc = spec.describe()
         width = len(spec.leaves)
-        cur = _Step(k, spec, [None] * width, [1] * width)
+        cur = _Step(k, spec, [None] * width, [1] * width, leaf_desc=desc["leaves"],
+                    has_signal=any(isinstance(leaf, SignalWait) for leaf in spec.leaves))
         self.current = cur
         if self._check(k, desc) is not None:
             return  # replay: already scheduled; its inputs follow in the history
@@ -555,10 +564,13 @@ class Instance:
             )
 
     def _waiting(self, cur: _Step) -> list[dict[str, Any]]:
-        out = []
-        for slot, leaf in enumerate(cur.spec.leaves):
-            if cur.outcomes[slot] is None:
-                out.append({**leaf.describe(), "slot": slot, "attempt": cur.attempts[slot]})
+        out: list[dict[str, Any]] = []
+        open_slots = [slot for slot, o in enumerate(cur.outcomes) if o is None]
+        for slot in open_slots[:MAX_WAITING_LISTED]:
+            out.append({**cur.leaf_desc[slot], "slot": slot, "attempt": cur.attempts[slot]})
+        if len(open_slots) > MAX_WAITING_LISTED:
+            out.append({"kind": "more", "name": f"{len(open_slots) - MAX_WAITING_LISTED} more", "digest": "",
+                        "slot": -1, "attempt": 0, "count": len(open_slots) - MAX_WAITING_LISTED})
         return out
 
 
