@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, and_, insert, or_, select, update
+from sqlalchemy import Connection, insert, or_, select, update
 
 from sdk import checkpoint as cp
 from sdk import serde
@@ -358,14 +358,18 @@ def reclaim_dead_workers(conn: Connection, now: datetime, dead_after: float
     return dead, ids + orphans, maybe
 
 
-def tasks_to_publish(conn: Connection, now: datetime, lost_after: float, limit: int = 500) -> list[str]:
-    """Retries whose backoff has passed, and attempts published long ago that nobody started
-    (a message lost with the broker's memory)."""
-    q = select(tasks_t.c.id).where(tasks_t.c.state == "scheduled", or_(
-        and_(tasks_t.c.published_at.is_(None), tasks_t.c.not_before <= now),
-        tasks_t.c.published_at <= now - timedelta(seconds=lost_after),
-    )).limit(limit)
-    return [r.id for r in conn.execute(q)]
+def tasks_to_publish(conn: Connection, now: datetime, lost_after: float,
+                     limit: int = 500) -> tuple[list[str], list[Any]]:
+    """(retries whose backoff has passed, attempts published long ago that nobody started).
+
+    The second are candidates for a message lost with the broker's memory; the caller drops
+    those still waiting in a queue.
+    """
+    due = select(tasks_t.c.id).where(tasks_t.c.state == "scheduled", tasks_t.c.published_at.is_(None),
+                                     tasks_t.c.not_before <= now).limit(limit)
+    old = select(tasks_t.c.id, tasks_t.c.options).where(
+        tasks_t.c.state == "scheduled", tasks_t.c.published_at <= now - timedelta(seconds=lost_after)).limit(limit)
+    return [r.id for r in conn.execute(due)], list(conn.execute(old))
 
 
 def stale_runs(conn: Connection, now: datetime, grace: float, limit: int = 200) -> list[str]:
@@ -392,6 +396,11 @@ def mark_published(conn: Connection, ids: list[str], now: datetime) -> None:
     if ids:
         conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids), tasks_t.c.state == "scheduled")
                      .values(published_at=now, dispatches=tasks_t.c.dispatches + 1))
+
+
+def seen_queued(conn: Connection, ids: list[str], now: datetime) -> None:
+    conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids), tasks_t.c.state == "scheduled")
+                 .values(published_at=now))
 
 
 def mark_started(conn: Connection, tid: str, worker: str, now: datetime) -> bool:

@@ -94,7 +94,15 @@ class Sweeper:
                         ", ".join(dead), len(redo))
         out.republish += redo
         with store.read() as conn:
-            out.republish += rt.tasks_to_publish(conn, now, baton.lost_after)
+            retries, old = rt.tasks_to_publish(conn, now, baton.lost_after)
+        out.republish += retries
+        if old:
+            queued = dispatch.queued_task_ids(self.runtime, old)
+            out.republish += [r.id for r in old if r.id not in queued]
+            still = [r.id for r in old if r.id in queued]
+            if still:  # merely waiting in a long queue: look again after another lost_after
+                with store.tx() as conn:
+                    rt.seen_queued(conn, still, now)
         with store.tx() as conn:
             stale = rt.stale_runs(conn, now, STALE_RUN_GRACE)
         out.advance += stale
