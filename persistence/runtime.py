@@ -394,7 +394,8 @@ def orphaned_children(conn: Connection, limit: int = 100) -> list[str]:
 
 def mark_published(conn: Connection, ids: list[str], now: datetime) -> None:
     if ids:
-        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids), tasks_t.c.state == "scheduled")
+        # "started" too: a fast worker may have taken the message before this bookkeeping ran
+        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids), tasks_t.c.state.in_(("scheduled", "started")))
                      .values(published_at=now, dispatches=tasks_t.c.dispatches + 1))
 
 

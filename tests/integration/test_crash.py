@@ -28,8 +28,15 @@ def test_worker_killed_mid_activity(cluster: Cluster) -> None:
                 if t.state == "started" and t.worker and t.worker.endswith(f"/{w1.pid}") and t.started_at
                 and (now - t.started_at.replace(tzinfo=t.started_at.tzinfo or UTC)).total_seconds() < 1.0]
 
-    held = wait_for(w1_fresh, 60, "worker 1 to start an activity")
+    wait_for(w1_fresh, 60, "worker 1 to start an activity")
+    kill_wall = datetime.now(UTC)
     cluster.kill(w1)
+    # What the dead worker held mid-way: attempts it started less than 1 s before the kill (each
+    # takes 1.5 s, so none of them can have finished, whatever commits were in flight).
+    held = [t.id for r in runs for t in store.task_rows(r.run_id)
+            if t.worker and t.worker.endswith(f"/{w1.pid}") and t.started_at
+            and (kill_wall - t.started_at.replace(tzinfo=t.started_at.tzinfo or UTC)).total_seconds() < 1.0]
+    assert held, "the kill hit no activity in flight"
     killed_at = time.monotonic()
     cluster.start_worker(concurrency=2)
     try:
