@@ -59,7 +59,11 @@ def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] |
                 inst.seq = out.last_seq
                 runtime.cache.put(run_id, inst)
             fault("after_commit")
-            dispatch.send(runtime, out)
+            try:
+                dispatch.send(runtime, out)
+            except Exception as exc:  # the broker is down: the commit stands, the sweeper re-sends
+                log.warning("baton: publishing for %s failed, the sweeper will re-send: %s", run_id, exc)
+                dispatch.defer(runtime, [m["id"] for m in out.publish])
             return
         except (OperationalError, DBAPIError) as exc:
             runtime.cache.take(run_id)

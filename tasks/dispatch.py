@@ -12,7 +12,7 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from persistence import runtime as rt
 from persistence.models import utcnow
@@ -66,6 +66,18 @@ def republish(runtime: Runtime, ids: list[str]) -> int:
     with store.tx() as conn:
         rt.mark_published(conn, [r.id for r in rows], utcnow())
     return len(rows)
+
+
+def defer(runtime: Runtime, ids: list[str]) -> None:
+    """Hand attempts whose publish failed to the sweeper (due now); best effort."""
+    if not ids:
+        return
+    try:
+        with runtime.store.tx() as conn:
+            conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids), tasks_t.c.state == "scheduled")
+                         .values(published_at=None, not_before=utcnow()))
+    except Exception as exc:  # then lost_after re-sends them
+        log.warning("baton: could not hand %d attempt(s) to the sweeper: %s", len(ids), exc)
 
 
 def queued_task_ids(runtime: Runtime, rows: list[Any]) -> set[str]:
