@@ -9,8 +9,8 @@ Flower executes this file and keeps the names that are Flower options. Environme
 variables still win here because each value below reads its ``FLOWER_*`` variable first
 (Flower applies the config file after the environment, so a literal would override it).
 Workers must send task events for Flower to see tasks start and finish: start them with
-``-E`` (or set ``worker_send_task_events = True``); Baton already sets
-``task_send_sent_event = True`` on the app, so queued tasks show up as soon as they are sent.
+``-E`` (or set ``worker_send_task_events = True``). To list queued tasks before a worker takes
+them, set ``task_send_sent_event = True`` on the app (Baton leaves it off: a second publish per task).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ app = Celery("coding_agent")  # no broker here: CELERY_BROKER_URL if set, else B
 # had prefetched, say) is re-sent too. The defaults (10 s and 300 s) suit deployments whose queues can back
 # up for minutes: a message re-sent while its first copy still waits in the queue is dropped as a
 # duplicate when it runs, but costs a delivery.
-baton = Baton(app, dead_after=5.0, lost_after=10.0)
+baton = Baton(app, dead_after=5.0, lost_after=10.0, claim_after=0.0)
 
 WORKSPACE_ENV = "BATON_EXAMPLE_WORKSPACE"
 MODEL_LATENCY = 0.15  # seconds per fake model call

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
+
+IDLE_PING_SECONDS = 2.0  # a pooled connection idle longer than this is pinged before use
 
 
 def is_sqlite(url: str) -> bool:
@@ -23,8 +26,11 @@ def make_engine(url: str, *, writer: bool) -> Engine:
     SQLite: WAL, ``synchronous=NORMAL`` (durable across process crashes, which is what a
     worker SIGKILL is), a 30 s busy timeout, and ``BEGIN IMMEDIATE`` for writers so that
     concurrent writers queue on the lock instead of failing to upgrade a read lock.
-    PostgreSQL: psycopg 3 with a small pool and pre-ping, so a restarted server costs one
-    failed statement, not a dead worker.
+    PostgreSQL: psycopg 3 with a small pool. A connection idle for over
+    ``IDLE_PING_SECONDS`` is pinged when checked out (a restarted server then costs no failed
+    statement); one in constant use is not, which saves a round trip per transaction on the
+    hot path. A connection broken while in use fails its statement, is discarded, and the
+    caller's retry (``tasks.advance``) gets a fresh one.
     """
     if is_sqlite(url):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
@@ -46,4 +52,22 @@ def make_engine(url: str, *, writer: bool) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://"):]
-    return create_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True, pool_recycle=300)
+    engine = create_engine(url, pool_size=5, max_overflow=5, pool_recycle=300)
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_conn: Any, rec: Any) -> None:
+        rec.info["baton_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn: Any, rec: Any, _proxy: Any) -> None:
+        since = rec.info.get("baton_idle_since")
+        if since is None or time.monotonic() - since < IDLE_PING_SECONDS:
+            return  # new, or in constant use
+        try:
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            dbapi_conn.rollback()
+        except Exception as err:  # the pool retries the checkout with a fresh connection
+            raise exc.DisconnectionError(f"stale connection: {err}") from err
+
+    return engine

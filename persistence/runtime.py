@@ -17,6 +17,7 @@ from sdk import checkpoint as cp
 from sdk import serde
 from sdk.events import Decision, Event, NewEvent, RunStatus
 
+from . import hot
 from .models import utcnow
 from .store import (
     Store,
@@ -33,6 +34,9 @@ from .store import (
 log = logging.getLogger("baton.store")
 
 
+UNKNOWN: Any = object()  # "not known here" (as opposed to None, a known empty value)
+
+
 @dataclass(slots=True)
 class Outbox:
     """What to send once the transaction has committed (commit first, then publish)."""
@@ -44,6 +48,7 @@ class Outbox:
     terminate: list[str] = field(default_factory=list)  # celery task ids to kill (timed out)
     cancel_runs: list[tuple[str, str]] = field(default_factory=list)  # (run id, reason)
     last_seq: int = 0  # the run's last seq after the commit
+    locals: Any = UNKNOWN  # the run's checkpointed locals after the commit, when this decision wrote them
 
     def merge(self, other: Outbox) -> None:
         self.publish += other.publish
@@ -99,11 +104,17 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
     """
     out = Outbox()
     rid = run.run_id
+    pending: list[Event] = getattr(run, "pending", None) or []
+    run.pending = []
     if d.status is RunStatus.BLOCKED:
+        if pending:
+            conn.execute(insert(events_t), [event_row(rid, e) for e in pending])
         conn.execute(update(runs).where(runs.c.run_id == rid).values(
             status=RunStatus.BLOCKED.value, error=serde.dumps(d.error, "error", None), needs_advance=False,
             updated_at=now, last_seq=run.last_seq))
         return out
+    if _plain(d):
+        return _commit_plain(conn, run, d, now, publisher, pending, out)
     terminal = d.status.terminal
     new_events = list(d.events)
     if terminal:
@@ -119,14 +130,15 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
             payload = {"error": d.error}
         new_events.append(NewEvent(kind, d.step, None, payload, key="end"))
     last = run.last_seq
+    rows = [event_row(rid, e) for e in pending]
     if new_events:
         first = last + 1
-        conn.execute(insert(events_t), [
-            {"run_id": rid, "seq": first + i, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
-             "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": now}
-            for i, e in enumerate(new_events)
-        ])
+        rows += [{"run_id": rid, "seq": first + i, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
+                  "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": now}
+                 for i, e in enumerate(new_events)]
         last = first + len(new_events) - 1
+    if rows:
+        conn.execute(insert(events_t), rows)
     for ev in new_events:
         if ev.kind == "signal_received":
             conn.execute(update(signals_t).where(signals_t.c.id == ev.payload["signal_id"])
@@ -159,7 +171,7 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
         out.advance.append(c.run_id)
     for x in d.cancels:
         _cancel_leaf(conn, rid, x.step, x.slot, x.kind, x.child_run_id, out)
-    base = serde.loads(run.locals) if run.locals else None
+    base = _base_locals(conn, run) if d.checkpoints else None
     ck_rows = []
     for ck in d.checkpoints:
         change = cp.delta(base, ck.locals)
@@ -170,6 +182,7 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
         base = ck.locals
     if ck_rows:
         conn.execute(insert(checkpoints_t), ck_rows)
+        out.locals = base
     values: dict[str, Any] = {"decided_seq": last, "last_seq": last, "needs_advance": False, "updated_at": now,
                               "step": d.step, "status": d.status.value,
                               "waiting": serde.dumps(d.waiting_on, "waiting", None)}
@@ -199,6 +212,65 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
     conn.execute(update(runs).where(runs.c.run_id == rid).values(**values))
     out.last_seq = last
     return out
+
+
+def _plain(d: Decision) -> bool:
+    """A decision of the hot path: the run goes on, with new steps and activities at most."""
+    return (d.status is RunStatus.RUNNING and not d.timers and not d.children and not d.cancels
+            and all(e.kind != "signal_received" for e in d.events))
+
+
+def _commit_plain(conn: Connection, run: Any, d: Decision, now: datetime, publisher: str | None,
+                  pending: list[Event], out: Outbox) -> Outbox:
+    """``commit_decision`` for a plain decision, in driver SQL (:mod:`persistence.hot`); it commits."""
+    rid = run.run_id
+    last = run.last_seq
+    events = [event_row(rid, e) for e in pending]
+    for e in d.events:
+        last += 1
+        events.append({"run_id": rid, "seq": last, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
+                       "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": now})
+    tasks = []
+    for a in d.activities:
+        tid = task_id(rid, a.step, a.slot, a.attempt)
+        inline = a.not_before is None or a.not_before <= now
+        tasks.append({"id": tid, "run_id": rid, "step": a.step, "slot": a.slot, "attempt": a.attempt,
+                      "task": a.task, "args": serde.dumps(a.args, "args", None),
+                      "kwargs": serde.dumps(a.kwargs, "kwargs", None),
+                      "options": serde.dumps(a.options, "options", None), "timeout": a.timeout,
+                      "state": "scheduled", "worker": publisher, "dispatches": 1 if inline else 0,
+                      "not_before": a.not_before, "created_at": now, "published_at": now if inline else None})
+        if inline:
+            out.publish.append(message(tid, rid, a.step, a.slot, a.attempt, a.task, a.args, a.kwargs,
+                                       a.options, a.timeout))
+    checkpoints = []
+    values: dict[str, Any] = {"run_id": rid, "decided_seq": last, "last_seq": last, "needs_advance": False,
+                              "updated_at": now, "step": d.step, "status": d.status.value,
+                              "waiting": serde.dumps(d.waiting_on, "waiting", None)}
+    if d.checkpoints:
+        base = _base_locals(conn, run)
+        for ck in d.checkpoints:
+            checkpoints.append({"run_id": rid, "step": ck.step, "file": ck.position["file"][-1024:],
+                                "line": ck.position["line"], "function": ck.position["function"][:255],
+                                "locals_delta": serde.dumps(cp.delta(base, ck.locals), "locals", None),
+                                "waiting": serde.dumps(ck.waiting_on, "waiting", None), "at": now})
+            base = ck.locals
+        out.locals = base
+        values["position"] = serde.dumps(d.checkpoints[-1].position, "position", None)
+        values["locals"] = serde.dumps(base, "locals", None)
+    hot.write(conn, events, tasks, checkpoints, values)
+    out.last_seq = last
+    return out
+
+
+def _base_locals(conn: Connection, run: Any) -> Any:
+    """The locals of the run's last checkpoint: known to a warm instance, else read."""
+    known = getattr(run, "known_locals", UNKNOWN)
+    if known is not UNKNOWN:
+        return known
+    raw = run.locals if hasattr(run, "locals") else \
+        conn.execute(select(runs.c.locals).where(runs.c.run_id == run.run_id)).scalar()
+    return serde.loads(raw) if raw else None
 
 
 def _cancel_leaf(conn: Connection, rid: str, step: int, slot: int, kind: str, child: str | None,
@@ -247,35 +319,56 @@ def _notify_parent(store: Store, conn: Connection, run: Any, d: Decision, out: O
         out.advance.append(parent.run_id)
 
 
-def record_attempt(conn: Connection, store: Store, tid: str, ok: bool, value: Any,
-                   now: datetime) -> tuple[SimpleNamespace, Event] | None:
+def record_attempt(conn: Connection, store: Store, tid: str, ok: bool, value: Any, now: datetime,
+                   worker: str | None = None, started_at: datetime | None = None,
+                   ) -> tuple[SimpleNamespace, Event] | None:
     """Record an attempt's outcome once, on the hot path.
 
-    Returns the locked run (``last_seq`` including the new event) and the event, or None for
-    a late or duplicate result. The task row's state is the idempotency check (under the run
-    lock); the unique ``(run_id, key)`` index backs it up.
+    Returns the locked run (``last_seq`` including the new event, which waits in
+    ``run.pending`` to be written with the decision's events in one statement) and the
+    event, or None for a late or duplicate result. One statement reads the attempt and locks
+    its run; the guarded update of the attempt's state is the idempotency check (it takes the
+    attempt's row lock and sees its latest state), backed by the unique ``(run_id, key)`` index.
+    ``worker`` (who ran it) and ``started_at`` are written unless a claim wrote them.
     """
-    row = store.lock_run(conn, run_of_task(tid))
-    task = conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first() if row is not None else None
-    if row is None or task is None:
+    got = hot.record(conn, tid, ok, now, worker, started_at)
+    if got is None:
         log.warning("baton: result for unknown task %s ignored", tid)
         return None
-    if task.state in ("done", "failed", "cancelled") or RunStatus(row.status).terminal:
-        log.info("baton: late or duplicate result for %s ignored (attempt already %s, run %s)", tid, task.state,
-                 row.status)
+    row, settled = got
+    if not settled or RunStatus(row["status"]).terminal:
+        log.info("baton: late or duplicate result for %s ignored (attempt already %s, run %s)", tid,
+                 row["task_state"], row["status"])
         return None
-    payload: dict[str, Any] = {"attempt": task.attempt, "result" if ok else "error": value}
+    step, slot, attempt = row["task_step"], row["task_slot"], row["task_attempt"]
+    payload: dict[str, Any] = {"attempt": attempt, "result" if ok else "error": value}
     kind = "activity_completed" if ok else "activity_failed"
-    key = f"att:{task.step}:{task.slot}:{task.attempt}"
-    run = mutable(row)
+    run = SimpleNamespace(**{c: row[c] for c in hot.HOT_RUN_COLUMNS})
     run.last_seq += 1
     run.needs_advance = True
-    conn.execute(insert(events_t).values(run_id=row.run_id, seq=run.last_seq, kind=kind, step=task.step,
-                                         slot=task.slot, name=task.task, key=key,
-                                         payload=serde.dumps(payload, "event", None), at=now))
-    conn.execute(update(tasks_t).where(tasks_t.c.id == tid).values(state="done" if ok else "failed",
-                                                                   finished_at=now))
-    return run, Event(run.last_seq, kind, task.step, task.slot, payload, now, key, task.task)
+    ev = Event(run.last_seq, kind, step, slot, payload, now, f"att:{step}:{slot}:{attempt}", row["task_task"])
+    run.pending = [ev]
+    return run, ev
+
+
+SETTLED = ("done", "failed", "cancelled")
+
+
+def event_row(run_id: str, e: Event) -> dict[str, Any]:
+    return {"run_id": run_id, "seq": e.seq, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
+            "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": e.at}
+
+
+def keep_inputs(conn: Connection, run: Any, now: datetime) -> None:
+    """Write inputs appended in this transaction (``run.pending``) without deciding: the run
+    stays flagged, so whoever can decide (a resume, the sweeper) sees them."""
+    pending = getattr(run, "pending", None)
+    if not pending:
+        return
+    conn.execute(insert(events_t), [event_row(run.run_id, e) for e in pending])
+    run.pending = []
+    conn.execute(update(runs).where(runs.c.run_id == run.run_id).values(
+        last_seq=run.last_seq, needs_advance=True, advance_requested_at=now, updated_at=now))
 
 
 def fire_timer(store: Store, conn: Connection, timer_id: int, out: Outbox) -> bool:
@@ -370,6 +463,33 @@ def tasks_to_publish(conn: Connection, now: datetime, lost_after: float,
     old = select(tasks_t.c.id, tasks_t.c.options).where(
         tasks_t.c.state == "scheduled", tasks_t.c.published_at <= now - timedelta(seconds=lost_after)).limit(limit)
     return [r.id for r in conn.execute(due)], list(conn.execute(old))
+
+
+def stalled_started(conn: Connection, now: datetime, lost_after: float, limit: int = 500) -> list[Any]:
+    """Attempts started ``lost_after`` ago or more (by any worker, alive or not): candidates for
+    a message the broker no longer holds, e.g. a pool child died and Celery's requeue was lost.
+    The caller keeps those whose message is still queued or fetched and unacknowledged."""
+    cutoff = now - timedelta(seconds=lost_after)
+    return list(conn.execute(select(tasks_t.c.id, tasks_t.c.options).where(
+        tasks_t.c.state == "started", tasks_t.c.started_at <= cutoff,
+        or_(tasks_t.c.published_at.is_(None), tasks_t.c.published_at <= cutoff)).limit(limit)))
+
+
+def seen_held(conn: Connection, ids: list[str], now: datetime) -> None:
+    """Started attempts whose message a worker still holds: look again after another lost_after."""
+    conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids), tasks_t.c.state == "started")
+                 .values(published_at=now))
+
+
+def reset_started(conn: Connection, ids: list[str]) -> list[str]:
+    """Hand back to the sweeper those of ``ids`` still ``started`` (none settled since); returns them."""
+    if not ids:
+        return []
+    found = [r.id for r in conn.execute(select(tasks_t.c.id).where(tasks_t.c.id.in_(ids),
+                                                                   tasks_t.c.state == "started"))]
+    if found:
+        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(found)).values(state="scheduled", worker=None))
+    return found
 
 
 def stale_runs(conn: Connection, now: datetime, grace: float, limit: int = 200) -> list[str]:

@@ -45,6 +45,8 @@ class Baton:
         sweep_interval: seconds between recovery sweeps in each worker.
         dead_after: seconds without a heartbeat before a worker is presumed dead.
         lost_after: seconds a published, unstarted activity may wait before it is re-sent.
+        claim_after: seconds an activity runs before its worker claims it in the store (shorter
+            ones are recorded without a claim: one transaction per step instead of two).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class Baton:
         sweep_interval: float = 1.0,
         dead_after: float = 10.0,
         lost_after: float = 300.0,
+        claim_after: float = 0.2,
     ) -> None:
         self.app = app
         self.database_url = resolve_database_url(database_url, getattr(app, "conf", None))
@@ -66,6 +69,10 @@ class Baton:
         self.sweep_interval = sweep_interval
         self.dead_after = dead_after
         self.lost_after = lost_after
+        if not 0 <= claim_after < min(lost_after, dead_after):
+            raise ValueError(f"claim_after={claim_after} must be at least 0 and below lost_after ({lost_after}) "
+                             f"and dead_after ({dead_after}): an unclaimed running activity looks lost")
+        self.claim_after = claim_after
         self.workflows: dict[str, Workflow] = {}
         from tasks.wiring import Runtime
 

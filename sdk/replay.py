@@ -119,6 +119,7 @@ class Instance:
         self.scheduled: dict[int, Event] = {}
         self.attempts: dict[tuple[int, int, int], Event] = {}
         self.last_locals: dict[str, Any] | None = None
+        self.host: dict[str, Any] = {}  # opaque to the engine: what the hosting runtime keeps with it
         self._max_recorded_step = 0
         self._last_pos: dict[str, Any] = {"file": "?", "line": 0, "function": "?"}
         self._d = Decision()

@@ -1,16 +1,25 @@
 """Hooks around every activity a workflow yielded, in the pool process that runs it.
 
-``task_prerun`` claims the attempt for this worker (so its death can be noticed) and arms
-the attempt's timeout; ``task_postrun`` records the outcome and advances the run inline,
-in one transaction, *before* Celery acknowledges the message (``acks_late``). If the
-store stays unreachable past the retry window the process exits, so the message is
-redelivered rather than acknowledged with its result lost.
+``task_postrun`` records the outcome and advances the run inline, in one transaction,
+*before* Celery acknowledges the message (``acks_late``). If the store stays unreachable
+past the retry window the process exits, so the message is redelivered rather than
+acknowledged with its result lost.
+
+Claiming an attempt (marking it ``started`` by this worker, so that the worker's death is
+noticed and the attempt re-sent) costs a transaction. A task that ends within
+``Baton(claim_after=...)`` (0.2 s) never needs it: its result is recorded first. So
+``task_prerun`` only notes the start, and a claimer thread claims, in one batch, the tasks
+still running after ``claim_after``. A task that dies unclaimed with its worker is re-sent
+like a message the worker had fetched (see ``reclaim_dead_workers``). A task with a timeout
+is claimed at once, arming its timer.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("baton.activities")
 
 _main_pid = os.getpid()
-_duplicates: set[str] = set()
 
 
 def worker_id(hostname: str) -> str:
@@ -78,29 +86,82 @@ def connect(runtime: Runtime) -> None:
     signals.task_postrun.connect(postrun, weak=False)
 
 
+class Claimer:
+    """Claims, in batches, the attempts this process has been running for ``claim_after`` s."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.after = runtime.baton.claim_after
+        self.running: dict[str, tuple[float, Any, str]] = {}  # task id -> (monotonic start, start, worker)
+        self.claimed: set[str] = set()
+        self.wake = threading.Event()
+        self.pid = -1
+
+    def started(self, task_id: str, worker: str) -> None:
+        if self.pid != os.getpid():  # first task in this (forked) process: start the thread here
+            self.pid = os.getpid()
+            self.running.clear()
+            self.claimed.clear()
+            threading.Thread(target=self.loop, name="baton-claimer", daemon=True).start()
+        self.running[task_id] = (time.monotonic(), utcnow(), worker)
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def finished(self, task_id: str) -> Any:
+        """When the task started (None if this process did not see it start)."""
+        self.claimed.discard(task_id)
+        entry = self.running.pop(task_id, None)
+        return entry[1] if entry else None
+
+    def _unclaimed(self) -> list[tuple[float, str]]:
+        return [(v[0], tid) for tid, v in list(self.running.items()) if tid not in self.claimed]
+
+    def loop(self) -> None:
+        while True:
+            self.wake.wait()
+            unclaimed = self._unclaimed()
+            if not unclaimed:
+                self.wake.clear()
+                if self._unclaimed():  # one started between the look and the clear
+                    self.wake.set()
+                continue
+            now = time.monotonic()
+            wait = min(unclaimed)[0] + self.after - now
+            if wait > 0:
+                time.sleep(wait + 0.001)
+                continue
+            due = {tid: v for t0, tid in unclaimed if now - t0 >= self.after and (v := self.running.get(tid))}
+            try:
+                with self.runtime.store.tx() as conn:
+                    for tid, (_, at, worker) in due.items():
+                        rt.mark_started(conn, tid, worker, at)
+                self.claimed.update(tid for tid in due if tid in self.running)
+                self.claimed.intersection_update(list(self.running))
+            except Exception as exc:  # the store is down: try again shortly
+                log.warning("baton: could not claim %d running attempt(s): %s", len(due), exc)
+                time.sleep(max(self.after, 0.5))
+
+
 def on_prerun(runtime: Runtime, task_id: str, task: Any, headers: dict[str, Any]) -> None:
-    store = runtime.store
     me = worker_id(str(task.request.hostname or "unknown"))
-    now = utcnow()
     timeout = headers.get(HEADER_TIMEOUT)
+    if not timeout:
+        runtime.claimer.started(task_id, me)
+        return
+    store = runtime.store
+    now = utcnow()
     try:
         with store.tx() as conn:
-            if not rt.mark_started(conn, task_id, me, now):
-                _duplicates.add(task_id)
-                return
-            if timeout:
+            if rt.mark_started(conn, task_id, me, now):
                 rt.add_attempt_timeout(conn, task_id, float(timeout), now)
     except Exception as exc:  # the run still completes: the result is recorded in postrun
         log.warning("baton: could not mark %s started: %s", task_id, exc)
 
 
 def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: str) -> None:
+    started_at = runtime.claimer.finished(task_id)
     if state not in ("SUCCESS", "FAILURE"):
         return  # RETRY / IGNORED / REJECTED: Celery will deliver it again, or it was never ours
-    if task_id in _duplicates:
-        _duplicates.discard(task_id)
-        log.info("baton: %s ran again after its attempt was settled; result ignored", task_id)
-        return
     ok = state == "SUCCESS"
     value: Any
     if ok:
@@ -118,14 +179,14 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
             "task": task.name,
         }
     store = runtime.store
+    me = worker_id(str(task.request.hostname or "unknown"))
 
     def record(conn: Connection) -> Any:
-        return rt.record_attempt(conn, store, task_id, ok, value, utcnow())
+        return rt.record_attempt(conn, store, task_id, ok, value, utcnow(), me, started_at)
 
     fault("before_record")
     try:
-        adv.advance(runtime, rt.run_of_task(task_id), before=record,
-                    publisher=worker_id(str(task.request.hostname or "unknown")))
+        adv.advance(runtime, rt.run_of_task(task_id), before=record, publisher=me)
     except Exception:
         # Never let Celery ack a message whose result we could not record: die, and the
         # message is redelivered (and the sweeper re-dispatches the attempt).

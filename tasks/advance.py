@@ -57,6 +57,8 @@ def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] |
                 out, inst, status = _decide(runtime, conn, run, appended, publisher)
             if inst is not None and status is RunStatus.RUNNING:
                 inst.seq = out.last_seq
+                if out.locals is not rt.UNKNOWN:
+                    inst.host["locals"] = out.locals
                 runtime.cache.put(run_id, inst)
             fault("after_commit")
             try:
@@ -82,7 +84,9 @@ def _decide(runtime: Runtime, conn: Connection, run: Any, appended: Event | None
             publisher: str | None) -> tuple[rt.Outbox, Instance | None, RunStatus]:
     store = runtime.store
     status = RunStatus(run.status)
+    now = utcnow()
     if status.terminal or status is RunStatus.BLOCKED:
+        rt.keep_inputs(conn, run, now)  # a blocked run keeps its results for when it is resumed
         return rt.Outbox(), None, status
     if not run.needs_advance and run.decided_seq >= run.last_seq:
         return rt.Outbox(), None, status
@@ -91,16 +95,20 @@ def _decide(runtime: Runtime, conn: Connection, run: Any, appended: Event | None
     except WorkflowNotFound as exc:
         # Another worker may have the code; keep the run flagged so the sweeper re-drives it.
         log.error("baton: cannot advance run %s: %s", run.run_id, exc)
+        rt.keep_inputs(conn, run, now)
         store.touch_run(conn, run.run_id, run.last_seq)
         return rt.Outbox(), None, status
     inst = runtime.cache.take(run.run_id)
     if inst is None or inst.poisoned or inst.finished or inst.seq > run.last_seq or inst.definition is not defn:
         inst = Instance(defn, run.run_id, runtime.baton.max_payload_bytes)
     if appended is not None and inst.seq == appended.seq - 1:
-        events = [appended]  # cache hit: the only new event is the one this transaction wrote
+        events = [appended]  # cache hit: the only new event is the one this transaction appended
+        known = inst.host.get("locals", rt.UNKNOWN)
+        if known is not rt.UNKNOWN:
+            run.known_locals = known  # so the checkpoint delta needs no read of the run's locals
     else:
-        events = store.events(run.run_id, after=inst.seq, conn=conn)
-    now = utcnow()
+        pending = getattr(run, "pending", None) or []  # appended in this transaction, not yet written
+        events = store.events(run.run_id, after=inst.seq, conn=conn) + [e for e in pending if e.seq > inst.seq]
     try:
         decision = inst.activate(events, now=now, decided_seq=run.decided_seq,
                                  inbox=lambda: [InboxSignal(i, n, p) for i, n, p in rt.inbox(conn, run.run_id)])

@@ -80,11 +80,20 @@ def defer(runtime: Runtime, ids: list[str]) -> None:
         log.warning("baton: could not hand %d attempt(s) to the sweeper: %s", len(ids), exc)
 
 
-def queued_task_ids(runtime: Runtime, rows: list[Any]) -> set[str]:
-    """Ids of these attempts still waiting in the broker's queues (Redis only; else none)."""
-    url = str(runtime.app.conf.broker_url or "")
-    if not url.startswith(("redis", "rediss", "redis+socket")):
-        return set()
+def can_list_queues(runtime: Runtime) -> bool:
+    """Whether :func:`queued_task_ids` can see the broker's queues (Redis only)."""
+    return str(runtime.app.conf.broker_url or "").startswith(("redis", "rediss", "redis+socket"))
+
+
+def queued_task_ids(runtime: Runtime, rows: list[Any], unacked: bool = False) -> set[str]:
+    """Ids of these attempts still waiting in the broker's queues (Redis only; else none).
+
+    With ``unacked``, also those a worker fetched and has not acknowledged (kombu's
+    ``unacked`` hash); then a broker that cannot be read counts every attempt as held, so a
+    running attempt is never taken away on a broker error.
+    """
+    if not can_list_queues(runtime):
+        return {r.id for r in rows} if unacked else set()
     default = runtime.app.conf.task_default_queue or "celery"
     queues = {str((serde.loads(r.options) or {}).get("queue") or default) for r in rows}
     found: set[str] = set()
@@ -99,8 +108,17 @@ def queued_task_ids(runtime: Runtime, rows: list[Any]) -> set[str]:
                             found.add(json.loads(raw)["headers"]["id"])
                         except (ValueError, KeyError, TypeError):
                             continue
+            if unacked:
+                key = (runtime.app.conf.broker_transport_options or {}).get("unacked_key", "unacked")
+                for raw in client.hvals(key):
+                    try:
+                        found.add(json.loads(raw)[0]["headers"]["id"])
+                    except (ValueError, KeyError, TypeError, IndexError):
+                        continue
     except Exception as exc:  # no answer from the broker: assume nothing is queued (re-send; harmless)
         log.warning("baton: could not list queued messages: %s", exc)
+        if unacked:
+            return {r.id for r in rows}
     return found
 
 

@@ -103,6 +103,25 @@ class Sweeper:
             if still:  # merely waiting in a long queue: look again after another lost_after
                 with store.tx() as conn:
                     rt.seen_queued(conn, still, now)
+        # Started long ago, and the message neither queued nor held unacknowledged by any worker:
+        # nothing will deliver it again (a pool child died and Celery's requeue was lost).
+        # Only a Redis broker can tell; elsewhere nothing is reset.
+        with store.read() as conn:
+            stalled = rt.stalled_started(conn, now, baton.lost_after)
+        if stalled and dispatch.can_list_queues(self.runtime):
+            held = dispatch.queued_task_ids(self.runtime, stalled, unacked=True)
+            gone = [r.id for r in stalled if r.id not in held]
+            if len(gone) < len(stalled):
+                with store.tx() as conn:
+                    rt.seen_held(conn, [r.id for r in stalled if r.id in held], now)
+            if gone:
+                with store.tx() as conn:
+                    gone = rt.reset_started(conn, gone)
+                if gone:
+                    log.warning("baton: attempt(s) %s started, but their message is gone from the broker; "
+                                "re-dispatching", ", ".join(gone))
+                    redo += gone
+                    out.republish += gone
         with store.tx() as conn:
             stale = rt.stale_runs(conn, now, STALE_RUN_GRACE)
         out.advance += stale

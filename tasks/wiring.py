@@ -37,7 +37,6 @@ RELIABLE_DEFAULTS: dict[str, Any] = {
     "result_serializer": "json",
     "accept_content": ["json"],
     "event_serializer": "json",
-    "task_send_sent_event": True,
     "broker_connection_retry_on_startup": True,
     # Fetch only with a free pool slot (Redis): no message sits prefetched, unstarted, in a
     # worker that may die with it (it would wait for lost_after to be re-sent).
@@ -115,6 +114,7 @@ class Runtime:
         self.app = baton.app
         configure_app(self.app, allow_pickle)
         self.cache = Cache(baton.cache_size)
+        self.claimer = activities.Claimer(self)
         runtime = self
 
         def advance_run(task: Any, run_id: str) -> None:

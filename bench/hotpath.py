@@ -1,0 +1,105 @@
+"""Baton's hot path alone, in one process: what one step costs without a Celery worker around it.
+
+Starts a ``bench_seq`` run of ``--steps`` steps on a fresh PostgreSQL schema (or SQLite file), then
+plays the worker's part in a loop: for the step's scheduled attempt, ``task_postrun``'s work
+(record the result, advance the cached generator, commit, publish the next attempt to Redis).
+Prints wall and CPU time per step, and with ``--profile`` the top functions by cumulative time
+(cProfile). Nothing consumes the published messages: the queue is purged at the end.
+
+Run: ``.venv/bin/python bench/hotpath.py [--store pg|sqlite] [--steps 500] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this folder (bench/profile.py) would shadow the standard library's profile.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import os  # noqa: E402
+import pstats  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+
+from sqlalchemy import create_engine, text  # noqa: E402
+
+from bench.app import build_baton  # noqa: E402
+from persistence import runtime as rt  # noqa: E402
+from persistence.models import utcnow  # noqa: E402
+from tasks import advance as adv  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", choices=("pg", "sqlite"), default="pg")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--top", type=int, default=35)
+    ap.add_argument("--sent-events", action="store_true", help="publish task-sent events too")
+    ap.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379") + "/14")
+    args = ap.parse_args()
+
+    pg = os.environ.get("BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    schema = f"hot_{uuid.uuid4().hex[:8]}"
+    if args.store == "pg":
+        admin = create_engine(pg, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.execute(text(f"CREATE SCHEMA {schema}"))
+        url = f"{pg}?options=-csearch_path%3D{schema}"
+    else:
+        url = f"sqlite:///{tempfile.mkdtemp()}/hot.db"
+    queue = f"hot{uuid.uuid4().hex[:6]}"
+    ns = build_baton(args.redis, url, queue)
+    runtime = ns.baton.runtime
+    runtime.app.conf.task_send_sent_event = args.sent_events
+    try:
+        handle = ns.seq.start(args.steps)
+        adv.advance(runtime, handle.run_id, publisher="hot/1")  # what the baton.advance task does
+        store = runtime.store
+        me = "hot/1"
+        run_id = handle.run_id
+
+        def step(i: int) -> None:
+            tid = rt.task_id(run_id, i + 1, 0, 1)
+
+            def record(conn):  # type: ignore[no-untyped-def]
+                return rt.record_attempt(conn, store, tid, True, i, utcnow(), me, None)
+
+            adv.advance(runtime, run_id, before=record, publisher=me)
+
+        warm = min(20, args.steps // 5)
+        for i in range(warm):
+            step(i)
+        prof = cProfile.Profile() if args.profile else None
+        w0, c0 = time.perf_counter(), time.process_time()
+        if prof:
+            prof.enable()
+        for i in range(warm, args.steps):
+            step(i)
+        if prof:
+            prof.disable()
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        n = args.steps - warm
+        assert handle.status() == "completed", handle.info()
+        print(f"{args.store}: {n} steps, wall {1000 * wall / n:.3f} ms/step, CPU {1000 * cpu / n:.3f} ms/step "
+              f"(cache hits {runtime.cache.hits}, misses {runtime.cache.misses})")
+        if prof:
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(args.top)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+    finally:
+        with runtime.app.connection_for_write() as conn:
+            conn.default_channel.client.delete(queue)
+        if args.store == "pg":
+            with admin.connect() as c:
+                c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+if __name__ == "__main__":
+    main()
