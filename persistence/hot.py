@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
+
+from sdk import serde
+from sdk.events import Event
 
 HOT_RUN_COLUMNS = ("run_id", "workflow_id", "workflow", "status", "last_seq", "decided_seq", "needs_advance",
                    "step", "parent_run_id", "parent_step", "parent_slot")
@@ -54,6 +57,8 @@ class HotSQL:
             f"worker = COALESCE({p('worker')}, worker), started_at = COALESCE(started_at, {p('started')}) "
             f"WHERE id = {p('tid')} AND state NOT IN ({settled})")
         self.events = insert("baton_events", EVENT_COLUMNS)
+        self.history = (f"SELECT seq, kind, step, slot, payload, at, key, name FROM baton_events "
+                        f"WHERE run_id = {p('run_id')} AND seq > {p('after')} ORDER BY seq")
         self.tasks = insert("baton_tasks", NEW_TASK_COLUMNS)
         self.checkpoints = insert("baton_checkpoints", CHECKPOINT_COLUMNS)
         self.run_plain = (f"UPDATE baton_runs SET {', '.join(f'{c} = {p(c)}' for c in RUN_UPDATE_COLUMNS)} "
@@ -86,6 +91,15 @@ def _errors(conn: Connection, statement: str) -> Iterator[None]:
                                   connection_invalidated=disconnect, dialect=conn.dialect) from err
 
 
+def _aware(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):  # sqlite3 hands back SQLAlchemy's text form
+        value = datetime.fromisoformat(value)
+    at: datetime = value
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
 def _ts(value: datetime | None, postgres: bool) -> Any:
     """SQLite stores timestamps as SQLAlchemy does (naive UTC text); psycopg takes datetimes."""
     if value is None or postgres:
@@ -93,34 +107,51 @@ def _ts(value: datetime | None, postgres: bool) -> Any:
     return f"{value:%Y-%m-%d %H:%M:%S.%f}"
 
 
-def record(conn: Connection, tid: str, ok: bool, now: datetime, worker: str | None,
-           started_at: datetime | None) -> tuple[dict[str, Any], int] | None:
+def record(conn: Connection, tid: str, run_id: str, ok: bool, now: datetime, worker: str | None,
+           started_at: datetime | None, history_after: int | None = None,
+           ) -> tuple[dict[str, Any], int, list[Event] | None] | None:
     """Lock the attempt's run, and settle the attempt if it is still open.
 
     Returns (the run's hot columns and the attempt's, rows settled: 1, or 0 for a late or
-    duplicate result), or None for an unknown attempt. The caller rolls back when it
-    ignores the result (the settle is then a no-op anyway: a settled attempt stays as it was).
+    duplicate result, the run's events after ``history_after`` or None if not asked), or None
+    for an unknown attempt. The history read rides in the same round trip on PostgreSQL (a
+    cached generator a few events behind, because another process advanced the run, needs
+    them). The settle of an ignored result is a no-op: a settled attempt stays as it was.
     """
     raw, postgres = _driver(conn)
     sql = _SQL[postgres]
     params = {"tid": tid, "state": "done" if ok else "failed", "now": _ts(now, postgres), "worker": worker,
               "started": _ts(started_at, postgres)}
+    hist = None
     with _errors(conn, sql.record), raw.pipeline() if postgres else nullcontext():
         cur = raw.cursor()
         cur.execute(sql.record, {"tid": tid})
         upd = raw.cursor()
         upd.execute(sql.settle, params)
+        if history_after is not None and postgres:
+            hist = raw.cursor()
+            hist.execute(sql.history, {"run_id": run_id, "after": history_after})
     with _errors(conn, sql.record):
         row = cur.fetchone()
-    settled = upd.rowcount
+        settled = upd.rowcount
+        if row is None:
+            return None
+        names = HOT_RUN_COLUMNS + tuple("task_" + c for c in TASK_COLUMNS)
+        out = dict(zip(names, row, strict=True))
+        out["needs_advance"] = bool(out["needs_advance"])
+        events: list[Event] | None = None
+        if history_after is not None and hist is None and out["last_seq"] > history_after:
+            hist = raw.cursor()
+            hist.execute(sql.history, {"run_id": run_id, "after": history_after})
+        if hist is not None:
+            events = [Event(s, k, st, sl, serde.loads(p), _aware(at), key, name or "")
+                      for s, k, st, sl, p, at, key, name in hist.fetchall()]
+            hist.close()
+        elif history_after is not None:
+            events = []
     cur.close()
     upd.close()
-    if row is None:
-        return None
-    names = HOT_RUN_COLUMNS + tuple("task_" + c for c in TASK_COLUMNS)
-    out = dict(zip(names, row, strict=True))
-    out["needs_advance"] = bool(out["needs_advance"])
-    return out, settled
+    return out, settled, events
 
 
 def write(conn: Connection, events: list[dict[str, Any]], tasks: list[dict[str, Any]],

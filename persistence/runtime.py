@@ -321,7 +321,7 @@ def _notify_parent(store: Store, conn: Connection, run: Any, d: Decision, out: O
 
 def record_attempt(conn: Connection, store: Store, tid: str, ok: bool, value: Any, now: datetime,
                    worker: str | None = None, started_at: datetime | None = None,
-                   ) -> tuple[SimpleNamespace, Event] | None:
+                   history_after: int | None = None) -> tuple[SimpleNamespace, Event] | None:
     """Record an attempt's outcome once, on the hot path.
 
     Returns the locked run (``last_seq`` including the new event, which waits in
@@ -329,13 +329,14 @@ def record_attempt(conn: Connection, store: Store, tid: str, ok: bool, value: An
     event, or None for a late or duplicate result. One statement reads the attempt and locks
     its run; the guarded update of the attempt's state is the idempotency check (it takes the
     attempt's row lock and sees its latest state), backed by the unique ``(run_id, key)`` index.
-    ``worker`` (who ran it) and ``started_at`` are written unless a claim wrote them.
+    ``worker`` (who ran it) and ``started_at`` are written unless a claim wrote them. With
+    ``history_after``, the run's events after that seq come along as ``run.prefetched``.
     """
-    got = hot.record(conn, tid, ok, now, worker, started_at)
+    got = hot.record(conn, tid, run_of_task(tid), ok, now, worker, started_at, history_after)
     if got is None:
         log.warning("baton: result for unknown task %s ignored", tid)
         return None
-    row, settled = got
+    row, settled, history = got
     if not settled or RunStatus(row["status"]).terminal:
         log.info("baton: late or duplicate result for %s ignored (attempt already %s, run %s)", tid,
                  row["task_state"], row["status"])
@@ -348,6 +349,8 @@ def record_attempt(conn: Connection, store: Store, tid: str, ok: bool, value: An
     run.needs_advance = True
     ev = Event(run.last_seq, kind, step, slot, payload, now, f"att:{step}:{slot}:{attempt}", row["task_task"])
     run.pending = [ev]
+    if history is not None and history_after is not None:
+        run.prefetched = (history_after, history)
     return run, ev
 
 

@@ -108,7 +108,10 @@ def _decide(runtime: Runtime, conn: Connection, run: Any, appended: Event | None
             run.known_locals = known  # so the checkpoint delta needs no read of the run's locals
     else:
         pending = getattr(run, "pending", None) or []  # appended in this transaction, not yet written
-        events = store.events(run.run_id, after=inst.seq, conn=conn) + [e for e in pending if e.seq > inst.seq]
+        pre = getattr(run, "prefetched", None)  # read with the record, for the cached instance's seq
+        stored = pre[1] if pre is not None and pre[0] == inst.seq else store.events(run.run_id, after=inst.seq,
+                                                                                   conn=conn)
+        events = stored + [e for e in pending if e.seq > inst.seq]
     try:
         decision = inst.activate(events, now=now, decided_seq=run.decided_seq,
                                  inbox=lambda: [InboxSignal(i, n, p) for i, n, p in rt.inbox(conn, run.run_id)])
