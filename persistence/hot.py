@@ -91,6 +91,22 @@ def _errors(conn: Connection, statement: str) -> Iterator[None]:
                                   connection_invalidated=disconnect, dialect=conn.dialect) from err
 
 
+def _events(rows: list[Any]) -> list[Event]:
+    return [Event(s, k, st, sl, serde.loads(p), _aware(at), key, name or "") for s, k, st, sl, p, at, key, name in rows]
+
+
+def history(conn: Connection, run_id: str, after: int = 0) -> list[Event]:
+    """A run's events after ``after``, in seq order (a cold replay reads thousands: no per-row overhead)."""
+    raw, postgres = _driver(conn)
+    sql = _SQL[postgres]
+    with _errors(conn, sql.history):
+        cur = raw.cursor()
+        cur.execute(sql.history, {"run_id": run_id, "after": after})
+        rows = cur.fetchall()
+        cur.close()
+    return _events(rows)
+
+
 def _aware(value: Any) -> datetime | None:
     if value is None:
         return None
@@ -144,8 +160,7 @@ def record(conn: Connection, tid: str, run_id: str, ok: bool, now: datetime, wor
             hist = raw.cursor()
             hist.execute(sql.history, {"run_id": run_id, "after": history_after})
         if hist is not None:
-            events = [Event(s, k, st, sl, serde.loads(p), _aware(at), key, name or "")
-                      for s, k, st, sl, p, at, key, name in hist.fetchall()]
+            events = _events(hist.fetchall())
             hist.close()
         elif history_after is not None:
             events = []

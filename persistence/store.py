@@ -24,7 +24,7 @@ from sdk import serde
 from sdk.errors import StoreError, WorkflowNotFound
 from sdk.events import Event, RunStatus
 
-from . import dialect
+from . import dialect, hot
 from .models import (
     SCHEMA_VERSION,
     CheckpointRow,
@@ -186,11 +186,10 @@ class Store:
             return {s: int(n) for s, n in c.execute(q).all()}
 
     def events(self, run_id: str, after: int = 0, conn: Connection | None = None) -> list[Event]:
-        q = select(events_t).where(events_t.c.run_id == run_id, events_t.c.seq > after).order_by(events_t.c.seq)
         if conn is not None:
-            return [row_event(r) for r in conn.execute(q)]
+            return hot.history(conn, run_id, after)
         with self.read() as c:
-            return [row_event(r) for r in c.execute(q)]
+            return hot.history(c, run_id, after)
 
     def checkpoint_rows(self, run_id: str) -> list[Any]:
         q = select(checkpoints_t).where(checkpoints_t.c.run_id == run_id).order_by(checkpoints_t.c.step)
