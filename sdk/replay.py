@@ -82,6 +82,7 @@ class _Step:
     done: bool = False
     leaf_desc: list[dict[str, Any]] = field(default_factory=list)  # computed once: digests are not free
     has_signal: bool = False
+    first_open: int = 0  # no slot before it is open (slots never reopen): waiting lists start here
 
 
 # A checkpoint's waiting list names at most this many open slots, then counts the rest: a
@@ -288,7 +289,7 @@ class Instance:
             else:
                 self._drive("throw", error_from_dict(value, value.get("task", "")))
             return
-        if any(o is None for o in cur.outcomes):
+        if len(cur.settled) < len(cur.outcomes):  # each slot settles once (guarded in _apply)
             return
         cur.done = True
         if mode == "one":
@@ -566,12 +567,18 @@ class Instance:
 
     def _waiting(self, cur: _Step) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        open_slots = [slot for slot, o in enumerate(cur.outcomes) if o is None]
-        for slot in open_slots[:MAX_WAITING_LISTED]:
-            out.append({**cur.leaf_desc[slot], "slot": slot, "attempt": cur.attempts[slot]})
-        if len(open_slots) > MAX_WAITING_LISTED:
-            out.append({"kind": "more", "name": f"{len(open_slots) - MAX_WAITING_LISTED} more", "digest": "",
-                        "slot": -1, "attempt": 0, "count": len(open_slots) - MAX_WAITING_LISTED})
+        outcomes = cur.outcomes
+        while cur.first_open < len(outcomes) and outcomes[cur.first_open] is not None:
+            cur.first_open += 1
+        for slot in range(cur.first_open, len(outcomes)):  # O(listed), not O(width), per completion
+            if outcomes[slot] is None:
+                if len(out) == MAX_WAITING_LISTED:
+                    break
+                out.append({**cur.leaf_desc[slot], "slot": slot, "attempt": cur.attempts[slot]})
+        rest = len(outcomes) - len(cur.settled) - len(out)
+        if rest > 0:
+            out.append({"kind": "more", "name": f"{rest} more", "digest": "",
+                        "slot": -1, "attempt": 0, "count": rest})
         return out
 
 

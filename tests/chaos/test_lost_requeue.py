@@ -99,6 +99,14 @@ def started_row(chaos: ChaosCluster, run: Any) -> Any:
     return next((t for t in chaos.baton.store.task_rows(run.run_id) if t.state == "started"), None)
 
 
+def result(chaos: ChaosCluster, run: Any, timeout: float) -> Any:
+    """The run's result, or a diagnosis from the store, the broker and the worker log."""
+    try:
+        return run.result(timeout=timeout)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{diagnose_runs(chaos.baton, [run.id], chaos)}") from None
+
+
 def test_lost_requeue_is_recovered(lr: tuple[ChaosCluster, subprocess.Popen[bytes]]) -> None:
     chaos, worker = lr
     wid = chaos.worker_id(worker)
@@ -132,7 +140,7 @@ def test_lost_requeue_is_recovered(lr: tuple[ChaosCluster, subprocess.Popen[byte
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{diagnose_runs(chaos.baton, [run.id], chaos)}") from None
     redispatched_at = time.time()
-    assert run.result(timeout=30) == "slept"
+    assert result(chaos, run, 30) == "slept"
     done = time.time()
 
     (task,) = store.task_rows(run.run_id)
@@ -162,7 +170,7 @@ def test_long_task_with_held_message_is_left_alone(lr: tuple[ChaosCluster, subpr
     run = chaos.ns.stuck.start(seconds, key)
     row = wait_until(lambda: started_row(chaos, run), 30, "the activity to be claimed (started)")
     assert row.worker == wid
-    assert run.result(timeout=seconds + 30) == "slept"
+    assert result(chaos, run, seconds + 30) == "slept"
 
     (task,) = store.task_rows(run.run_id)
     assert task.state == "done" and task.worker == wid
