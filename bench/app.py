@@ -9,7 +9,10 @@
 - ``BENCH_QUEUE``: the queue both the client and the worker use;
 - ``BENCH_CACHE_SIZE``: Baton's live-generator cache size per process (default: Baton's own);
 - ``BENCH_BARE_DEFAULTS=1``: the bare side keeps Celery's defaults instead of Baton's delivery settings;
-- ``BENCH_SQL_STATS=<prefix>``: count and time every SQL statement (``bench/profile.py --sql``).
+- ``BENCH_SQL_STATS=<prefix>``: count and time every SQL statement SQLAlchemy runs (``bench/profile.py
+  --sql``; the hot path's driver SQL, ``persistence/hot.py``, bypasses it);
+- ``BENCH_CPROFILE=<prefix>``: cProfile each pool process, written to ``<prefix>.<pid>.prof`` every 100 tasks
+  (``python -m pstats``).
 
 The client process (``bench/run.py``) calls :func:`build_baton` and :func:`build_bare` itself with
 the same URLs, so both sides share task names: ``bench.noop`` on each.
@@ -178,9 +181,32 @@ def install_sql_stats(path_prefix: str) -> None:
         bump("(pool checkout)")
 
 
+def install_cprofile(path_prefix: str) -> None:
+    """Profile every pool process from its start; dump the stats every 100 tasks."""
+    import cProfile
+
+    from celery import signals
+
+    state: dict[str, Any] = {"n": 0}
+
+    def start(**_: Any) -> None:
+        state["prof"] = cProfile.Profile()
+        state["prof"].enable()
+
+    def done(**_: Any) -> None:
+        state["n"] += 1
+        if "prof" in state and state["n"] % 100 == 0:
+            state["prof"].dump_stats(f"{path_prefix}.{os.getpid()}.prof")
+
+    signals.worker_process_init.connect(start, weak=False)
+    signals.task_postrun.connect(done, weak=False)
+
+
 def _from_env() -> NS:
     if os.environ.get("BENCH_SQL_STATS"):
         install_sql_stats(os.environ["BENCH_SQL_STATS"])
+    if os.environ.get("BENCH_CPROFILE"):
+        install_cprofile(os.environ["BENCH_CPROFILE"])
     side = os.environ.get("BENCH_SIDE", "baton")
     broker = os.environ["BENCH_BROKER"]
     queue = os.environ.get("BENCH_QUEUE", "bench")

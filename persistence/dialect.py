@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from typing import Any
 
@@ -9,6 +11,56 @@ from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.engine import make_url
 
 IDLE_PING_SECONDS = 2.0  # a pooled connection idle longer than this is pinged before use
+
+
+class ForkGate:
+    """Keeps ``fork()`` out of SQLite transactions.
+
+    A process forked while another of its threads is inside a SQLite transaction (a worker's
+    sweeper thread, when Celery replaces a dead pool process) inherits SQLite's in-process
+    lock state of that transaction, which nobody in the child will ever release: every
+    ``BEGIN IMMEDIATE`` there then waits out the busy timeout (found by the lost-requeue chaos
+    test). So a fork waits a moment for connections checked out of a SQLite pool to come
+    back, and holds new checkouts until it is done.
+    """
+
+    WAIT = 10.0  # a connection held longer than this (a stuck statement) stops delaying a fork
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.inside = 0
+        self.forking = False
+
+    def enter(self) -> None:
+        with self.cond:
+            while self.forking:
+                self.cond.wait()
+            self.inside += 1
+
+    def exit(self) -> None:
+        with self.cond:
+            self.inside = max(self.inside - 1, 0)
+            if self.inside == 0:
+                self.cond.notify_all()
+
+    def before_fork(self) -> None:
+        self.cond.acquire()
+        self.forking = True
+        self.cond.wait_for(lambda: self.inside == 0, timeout=self.WAIT)
+
+    def after_fork_parent(self) -> None:
+        self.forking = False
+        self.cond.notify_all()
+        self.cond.release()
+
+    def after_fork_child(self) -> None:
+        self.__init__()  # type: ignore[misc]  # the parent's connections are not this process's
+
+
+FORK_GATE = ForkGate()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=FORK_GATE.before_fork, after_in_parent=FORK_GATE.after_fork_parent,
+                        after_in_child=FORK_GATE.after_fork_child)
 
 
 def is_sqlite(url: str) -> bool:
@@ -44,6 +96,14 @@ def make_engine(url: str, *, writer: bool) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
+
+        @event.listens_for(engine, "checkout")
+        def _gate_in(_dbapi_conn: Any, _rec: Any, _proxy: Any) -> None:
+            FORK_GATE.enter()
+
+        @event.listens_for(engine, "checkin")
+        def _gate_out(_dbapi_conn: Any, _rec: Any) -> None:
+            FORK_GATE.exit()
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:

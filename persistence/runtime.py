@@ -473,7 +473,7 @@ def stalled_started(conn: Connection, now: datetime, lost_after: float, limit: i
     a message the broker no longer holds, e.g. a pool child died and Celery's requeue was lost.
     The caller keeps those whose message is still queued or fetched and unacknowledged."""
     cutoff = now - timedelta(seconds=lost_after)
-    return list(conn.execute(select(tasks_t.c.id, tasks_t.c.options).where(
+    return list(conn.execute(select(tasks_t.c.id, tasks_t.c.options, tasks_t.c.task).where(
         tasks_t.c.state == "started", tasks_t.c.started_at <= cutoff,
         or_(tasks_t.c.published_at.is_(None), tasks_t.c.published_at <= cutoff)).limit(limit)))
 

@@ -88,6 +88,10 @@ class Store:
             return store
 
     @classmethod
+    def _after_fork_child(cls) -> None:
+        cls._lock = threading.Lock()  # another thread may have held it at the fork
+
+    @classmethod
     def forget_all(cls) -> None:
         """Drop engines inherited from a parent process (called in forked pool children)."""
         with cls._lock:
@@ -346,3 +350,7 @@ class Store:
         with self.read() as c:
             found = c.execute(select(meta_t.c.value).where(meta_t.c.key == "schema_version")).scalar()
         return int(found or 0)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=Store._after_fork_child)

@@ -107,7 +107,7 @@ class Sweeper:
         # nothing will deliver it again (a pool child died and Celery's requeue was lost).
         # Only a Redis broker can tell; elsewhere nothing is reset.
         with store.read() as conn:
-            stalled = rt.stalled_started(conn, now, baton.lost_after)
+            stalled = [r for r in rt.stalled_started(conn, now, baton.lost_after) if self._acked_late(r.task)]
         if stalled and dispatch.can_list_queues(self.runtime):
             held = dispatch.queued_task_ids(self.runtime, stalled, unacked=True)
             gone = [r.id for r in stalled if r.id not in held]
@@ -131,6 +131,14 @@ class Sweeper:
         out.republish = list(dict.fromkeys(out.republish))
         dispatch.send(self.runtime, out)
         return out
+
+
+    def _acked_late(self, name: str) -> bool:
+        """Whether a running task's message stays unacknowledged until it ends (only then does
+        its absence from ``unacked`` mean nobody holds it); unknown here counts as no."""
+        task = self.runtime.app.tasks.get(name)
+        return bool(task is not None and (task.acks_late if task.acks_late is not None
+                                          else self.runtime.app.conf.task_acks_late))
 
 
 def install(runtime: Runtime) -> None:
