@@ -645,16 +645,20 @@ def scen_hist(env: Env, size: dict[str, Any], reps: int, bare_too: bool = True) 
         ", ".join(f"step {k}: {v:.2f} ms" for k, v in baton_at.items()) + f"; slope {slope:.2f} ms per 1,000 steps")
 
     # warm hop: signal with the worker that advanced the run up
+    # Hops are timed as a client sees them: from signal() until the next step's decision is
+    # committed and visible (polled every 2 ms), so the history load and replay both count.
     t0 = time.time()
     h.signal("warm", None)
-    wait_for(lambda: run_rows(env, [h.id])[0].step >= n + 3, 120, "warm signal hop", 0.01)
-    warm = step_times(env, h.id)[n + 2] - t0
+    wait_for(lambda: run_rows(env, [h.id])[0].step >= n + 2, 120, "warm signal hop", 0.002)
+    warm = time.time() - t0
+    wait_for(lambda: run_rows(env, [h.id])[0].step >= n + 3, 120, "the run to wait for the cold signal", 0.01)
     # cold hop: restart the worker (a fresh process, no cached generator), warm its pools on other runs
     env.start_baton()
     t0 = time.time()
     h.signal("cold", None)
+    wait_for(lambda: run_rows(env, [h.id])[0].step >= n + 4, 120, "cold signal hop", 0.002)
+    cold = time.time() - t0
     wait_runs(env, [h.id], 120, interval=0.01)
-    cold = step_times(env, h.id)[n + 4] - t0
     load_s, replay_s, nev, _ = replay_in_process(env, h.id)
     if env.profile_replay:
         log("cProfile of loading and replaying the history in this process (slower than unprofiled):\n"

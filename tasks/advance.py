@@ -84,9 +84,8 @@ def _decide(runtime: Runtime, conn: Connection, run: Any, appended: Event | None
             publisher: str | None) -> tuple[rt.Outbox, Instance | None, RunStatus]:
     store = runtime.store
     status = RunStatus(run.status)
-    now = utcnow()
     if status.terminal or status is RunStatus.BLOCKED:
-        rt.keep_inputs(conn, run, now)  # a blocked run keeps its results for when it is resumed
+        rt.keep_inputs(conn, run, utcnow())  # a blocked run keeps its results for when it is resumed
         return rt.Outbox(), None, status
     if not run.needs_advance and run.decided_seq >= run.last_seq:
         return rt.Outbox(), None, status
@@ -95,7 +94,7 @@ def _decide(runtime: Runtime, conn: Connection, run: Any, appended: Event | None
     except WorkflowNotFound as exc:
         # Another worker may have the code; keep the run flagged so the sweeper re-drives it.
         log.error("baton: cannot advance run %s: %s", run.run_id, exc)
-        rt.keep_inputs(conn, run, now)
+        rt.keep_inputs(conn, run, utcnow())
         store.touch_run(conn, run.run_id, run.last_seq)
         return rt.Outbox(), None, status
     inst = runtime.cache.take(run.run_id)
@@ -112,6 +111,7 @@ def _decide(runtime: Runtime, conn: Connection, run: Any, appended: Event | None
         stored = pre[1] if pre is not None and pre[0] == inst.seq else store.events(run.run_id, after=inst.seq,
                                                                                    conn=conn)
         events = stored + [e for e in pending if e.seq > inst.seq]
+    now = utcnow()  # after the history read: the decision's clock (timers, backoffs, event times)
     try:
         decision = inst.activate(events, now=now, decided_seq=run.decided_seq,
                                  inbox=lambda: [InboxSignal(i, n, p) for i, n, p in rt.inbox(conn, run.run_id)])
