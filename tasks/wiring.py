@@ -129,6 +129,7 @@ class Runtime:
         signals.worker_process_init.connect(self._after_fork, weak=False)
         signals.worker_init.connect(self._worker_init, weak=False)
         self._broker_ready = False
+        self._store: Store | None = None
 
     def _worker_init(self, **_: Any) -> None:
         """Refuse to start a worker on an unusable store (e.g. an older schema), before any task."""
@@ -153,7 +154,11 @@ class Runtime:
     # ------------------------------------------------------------ process state
     @property
     def store(self) -> Store:
-        return Store.for_url(self.baton.database_url)
+        cached = self._store
+        if cached is not None and Store._cache.get((self.baton.database_url, os.getpid())) is cached:
+            return cached  # the hot path asks several times per step: skip the lock
+        self._store = Store.for_url(self.baton.database_url)
+        return self._store
 
     def _after_fork(self, **_: Any) -> None:
         # Engines and live generators must not cross a fork: drop the inherited ones without
