@@ -198,8 +198,22 @@ def install_cprofile(path_prefix: str) -> None:
         if "prof" in state and state["n"] % 100 == 0:
             state["prof"].dump_stats(f"{path_prefix}.{os.getpid()}.prof")
 
+    def main_ready(**_: Any) -> None:  # the main process (event loop, acks, sweeper): dump every 2 s
+        import threading
+
+        prof = cProfile.Profile()
+        prof.enable()
+
+        def dump() -> None:
+            while True:
+                time.sleep(2)
+                prof.dump_stats(f"{path_prefix}.main.{os.getpid()}.prof")
+
+        threading.Thread(target=dump, daemon=True).start()
+
     signals.worker_process_init.connect(start, weak=False)
     signals.task_postrun.connect(done, weak=False)
+    signals.worker_ready.connect(main_ready, weak=False)
 
 
 def _from_env() -> NS:
