@@ -144,20 +144,7 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
             conn.execute(update(signals_t).where(signals_t.c.id == ev.payload["signal_id"])
                          .values(consumed_step=ev.step))
     if d.activities:
-        rows = []
-        for a in d.activities:
-            tid = task_id(rid, a.step, a.slot, a.attempt)
-            inline = a.not_before is None or a.not_before <= now
-            rows.append({"id": tid, "run_id": rid, "step": a.step, "slot": a.slot, "attempt": a.attempt,
-                         "task": a.task, "args": serde.dumps(a.args, "args", None),
-                         "kwargs": serde.dumps(a.kwargs, "kwargs", None),
-                         "options": serde.dumps(a.options, "options", None), "timeout": a.timeout,
-                         "state": "scheduled", "worker": publisher, "dispatches": 1 if inline else 0,
-                         "not_before": a.not_before, "created_at": now, "published_at": now if inline else None})
-            if inline:
-                out.publish.append(message(tid, rid, a.step, a.slot, a.attempt, a.task, a.args, a.kwargs,
-                                           a.options, a.timeout))
-        conn.execute(insert(tasks_t), rows)
+        conn.execute(insert(tasks_t), _task_rows(rid, d, now, publisher, out))
     if d.timers:
         conn.execute(insert(timers_t), [
             {"run_id": rid, "step": t.step, "slot": t.slot, "attempt": 0, "kind": t.kind, "fire_at": t.fire_at,
@@ -214,6 +201,24 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
     return out
 
 
+def _task_rows(rid: str, d: Decision, now: datetime, publisher: str | None, out: Outbox) -> list[dict[str, Any]]:
+    """The decision's new attempt rows (the outbox); those due now also go to ``out.publish``."""
+    rows = []
+    for a in d.activities:
+        tid = task_id(rid, a.step, a.slot, a.attempt)
+        inline = a.not_before is None or a.not_before <= now
+        rows.append({"id": tid, "run_id": rid, "step": a.step, "slot": a.slot, "attempt": a.attempt,
+                     "task": a.task, "args": serde.dumps(a.args, "args", None),
+                     "kwargs": serde.dumps(a.kwargs, "kwargs", None),
+                     "options": serde.dumps(a.options, "options", None), "timeout": a.timeout,
+                     "state": "scheduled", "worker": publisher, "dispatches": 1 if inline else 0,
+                     "not_before": a.not_before, "created_at": now, "published_at": now if inline else None})
+        if inline:
+            out.publish.append(message(tid, rid, a.step, a.slot, a.attempt, a.task, a.args, a.kwargs,
+                                       a.options, a.timeout))
+    return rows
+
+
 def _plain(d: Decision) -> bool:
     """A decision of the hot path: the run goes on, with new steps and activities at most."""
     return (d.status is RunStatus.RUNNING and not d.timers and not d.children and not d.cancels
@@ -230,19 +235,7 @@ def _commit_plain(conn: Connection, run: Any, d: Decision, now: datetime, publis
         last += 1
         events.append({"run_id": rid, "seq": last, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
                        "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": now})
-    tasks = []
-    for a in d.activities:
-        tid = task_id(rid, a.step, a.slot, a.attempt)
-        inline = a.not_before is None or a.not_before <= now
-        tasks.append({"id": tid, "run_id": rid, "step": a.step, "slot": a.slot, "attempt": a.attempt,
-                      "task": a.task, "args": serde.dumps(a.args, "args", None),
-                      "kwargs": serde.dumps(a.kwargs, "kwargs", None),
-                      "options": serde.dumps(a.options, "options", None), "timeout": a.timeout,
-                      "state": "scheduled", "worker": publisher, "dispatches": 1 if inline else 0,
-                      "not_before": a.not_before, "created_at": now, "published_at": now if inline else None})
-        if inline:
-            out.publish.append(message(tid, rid, a.step, a.slot, a.attempt, a.task, a.args, a.kwargs,
-                                       a.options, a.timeout))
+    tasks = _task_rows(rid, d, now, publisher, out)
     checkpoints = []
     values: dict[str, Any] = {"run_id": rid, "decided_seq": last, "last_seq": last, "needs_advance": False,
                               "updated_at": now, "step": d.step, "status": d.status.value,
