@@ -46,7 +46,8 @@ class Baton:
         dead_after: seconds without a heartbeat before a worker is presumed dead.
         lost_after: seconds a published, unstarted activity may wait before it is re-sent.
         claim_after: seconds an activity runs before its worker claims it in the store (shorter
-            ones are recorded without a claim: one transaction per step instead of two).
+            ones are recorded without a claim: one transaction per step instead of two); 0 claims
+            every activity as it starts.
     """
 
     def __init__(

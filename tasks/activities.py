@@ -11,7 +11,7 @@ noticed and the attempt re-sent) costs a transaction. A task that ends within
 ``task_prerun`` only notes the start, and a claimer thread claims, in one batch, the tasks
 still running after ``claim_after``. A task that dies unclaimed with its worker is re-sent
 like a message the worker had fetched (see ``reclaim_dead_workers``). A task with a timeout
-is claimed at once, arming its timer.
+is claimed at once, arming its timer, and so is every task with ``claim_after=0``.
 """
 
 from __future__ import annotations
@@ -145,14 +145,14 @@ class Claimer:
 def on_prerun(runtime: Runtime, task_id: str, task: Any, headers: dict[str, Any]) -> None:
     me = worker_id(str(task.request.hostname or "unknown"))
     timeout = headers.get(HEADER_TIMEOUT)
-    if not timeout:
+    if not timeout and runtime.baton.claim_after > 0:
         runtime.claimer.started(task_id, me)
         return
     store = runtime.store
     now = utcnow()
     try:
         with store.tx() as conn:
-            if rt.mark_started(conn, task_id, me, now):
+            if rt.mark_started(conn, task_id, me, now) and timeout:
                 rt.add_attempt_timeout(conn, task_id, float(timeout), now)
     except Exception as exc:  # the run still completes: the result is recorded in postrun
         log.warning("baton: could not mark %s started: %s", task_id, exc)
