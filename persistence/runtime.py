@@ -419,7 +419,11 @@ def reclaim_dead_workers(conn: Connection, now: datetime, dead_after: float
     Certain: the attempts they had started, and those they committed but perhaps never
     published. Possible: attempts published before they died and not started since; a
     message fetched but not yet started dies with its worker (the caller checks which of
-    these are still queued in the broker).
+    these are still queued in the broker). An attempt a dead worker published and a live one
+    is running unclaimed (shorter than ``claim_after`` so far) is among the "certain" ones:
+    it runs twice, and its second result is ignored. The updates are guarded by state, so
+    a result recorded between this select and its update is never undone (the churn chaos
+    test caught that race).
     """
     cutoff = now - timedelta(seconds=dead_after)
     rows = conn.execute(select(workers_t.c.id, workers_t.c.last_beat).where(workers_t.c.last_beat < cutoff)).all()
@@ -427,8 +431,9 @@ def reclaim_dead_workers(conn: Connection, now: datetime, dead_after: float
     orphans = [r.id for r in conn.execute(select(tasks_t.c.id).where(
         tasks_t.c.state == "started", tasks_t.c.started_at < cutoff,
         tasks_t.c.worker.not_in(select(workers_t.c.id))))]
-    if orphans:
-        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(orphans)).values(state="scheduled", worker=None))
+    if orphans:  # guarded: an attempt settled since the select (its result recorded) stays settled
+        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(orphans), tasks_t.c.state == "started")
+                     .values(state="scheduled", worker=None))
     if not rows:
         return [], orphans, []
     dead = [r.id for r in rows]
@@ -438,8 +443,9 @@ def reclaim_dead_workers(conn: Connection, now: datetime, dead_after: float
     ids = [r.id for r in conn.execute(select(tasks_t.c.id).where(
         tasks_t.c.worker.in_(dead), tasks_t.c.state.in_(("started", "scheduled")),
         or_(tasks_t.c.not_before.is_(None), tasks_t.c.published_at.is_not(None))))]
-    if ids:
-        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="scheduled", worker=None))
+    if ids:  # guarded as above: a result recorded meanwhile (by a live worker) must not be undone
+        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids), tasks_t.c.state.in_(("started", "scheduled")))
+                     .values(state="scheduled", worker=None))
     maybe = list(conn.execute(select(tasks_t.c.id, tasks_t.c.options).where(
         tasks_t.c.state == "scheduled", tasks_t.c.published_at.is_not(None), tasks_t.c.published_at <= settled,
         tasks_t.c.id.not_in(ids) if ids else tasks_t.c.id.is_not(None))))
