@@ -130,13 +130,7 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
             payload = {"error": d.error}
         new_events.append(NewEvent(kind, d.step, None, payload, key="end"))
     last = run.last_seq
-    rows = [event_row(rid, e) for e in pending]
-    if new_events:
-        first = last + 1
-        rows += [{"run_id": rid, "seq": first + i, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
-                  "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": now}
-                 for i, e in enumerate(new_events)]
-        last = first + len(new_events) - 1
+    rows, last = _event_rows(rid, pending, new_events, last, now)
     if rows:
         conn.execute(insert(events_t), rows)
     for ev in new_events:
@@ -201,6 +195,18 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
     return out
 
 
+def _event_rows(rid: str, pending: list[Event], new: list[NewEvent], last: int, now: datetime,
+                ) -> tuple[list[dict[str, Any]], int]:
+    """Rows for the inputs appended in this transaction and the decision's new events (numbered
+    after ``last``); returns them and the run's new last seq."""
+    rows = [event_row(rid, e) for e in pending]
+    for e in new:
+        last += 1
+        rows.append({"run_id": rid, "seq": last, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
+                     "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": now})
+    return rows, last
+
+
 def _task_rows(rid: str, d: Decision, now: datetime, publisher: str | None, out: Outbox) -> list[dict[str, Any]]:
     """The decision's new attempt rows (the outbox); those due now also go to ``out.publish``."""
     rows = []
@@ -230,11 +236,7 @@ def _commit_plain(conn: Connection, run: Any, d: Decision, now: datetime, publis
     """``commit_decision`` for a plain decision, in driver SQL (:mod:`persistence.hot`); it commits."""
     rid = run.run_id
     last = run.last_seq
-    events = [event_row(rid, e) for e in pending]
-    for e in d.events:
-        last += 1
-        events.append({"run_id": rid, "seq": last, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
-                       "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": now})
+    events, last = _event_rows(rid, pending, d.events, last, now)
     tasks = _task_rows(rid, d, now, publisher, out)
     checkpoints = []
     values: dict[str, Any] = {"run_id": rid, "decided_seq": last, "last_seq": last, "needs_advance": False,
@@ -347,9 +349,6 @@ def record_attempt(conn: Connection, store: Store, tid: str, ok: bool, value: An
     return run, ev
 
 
-SETTLED = ("done", "failed", "cancelled")
-
-
 def event_row(run_id: str, e: Event) -> dict[str, Any]:
     return {"run_id": run_id, "seq": e.seq, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
             "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": e.at}
@@ -380,7 +379,7 @@ def fire_timer(store: Store, conn: Connection, timer_id: int, out: Outbox) -> bo
     if t.kind == "attempt_timeout":
         tid = task_id(t.run_id, t.step, t.slot, t.attempt)
         task = conn.execute(select(tasks_t).where(tasks_t.c.id == tid)).first()
-        if task is None or task.state in ("done", "failed", "cancelled"):
+        if task is None or task.state in hot.SETTLED:
             return False
         error = {"type": "TimeoutError", "task": task.task, "traceback": "",
                  "message": f"attempt {t.attempt} of {task.task} exceeded its {task.timeout:g}s timeout"}

@@ -339,3 +339,21 @@ def normalise(obj: Any) -> StepSpec | ValueSpec:
     if _is_signature(obj) and obj.get("subtask_type") == "group":
         return StepSpec("all", _items(obj.get("kwargs", {}).get("tasks", ())))
     return StepSpec("one", (_leaf(obj),))
+
+
+def step_label(desc: dict[str, Any]) -> str:
+    """A step description's short name for histories: ``activity:t.add`` or ``all[60]``."""
+    leaves = desc.get("leaves", [])
+    if len(leaves) == 1:
+        return f"{leaves[0]['kind']}:{leaves[0]['name']}"
+    return f"{desc.get('mode')}[{len(leaves)}]"
+
+
+def format_step(desc: Any) -> str:
+    """A step description for error messages: its leaves, their digests and the mode."""
+    if not isinstance(desc, dict):
+        return repr(desc)
+    leaves = ", ".join(f"{x.get('kind')} {x.get('name')!r}" + (f" #{x['digest']}" if x.get("digest") else "")
+                       for x in desc.get("leaves", []))
+    mode = desc.get("mode")
+    return leaves if mode in ("one", "value") else f"{mode}({leaves})"

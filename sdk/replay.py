@@ -31,7 +31,9 @@ from .commands import (
     StepSpec,
     Timer,
     ValueSpec,
+    format_step,
     normalise,
+    step_label,
 )
 from .errors import (
     ActivityError,
@@ -414,8 +416,8 @@ class Instance:
             assert self.gen is not None
             pos = cp.position(self.gen)
             raise NonDeterminismError(
-                f"run {self.run_id} step {k}: the workflow now yields {_fmt(desc)} at "
-                f"{pos['file']}:{pos['line']} ({pos['function']}), but its history recorded {_fmt(recorded)} "
+                f"run {self.run_id} step {k}: the workflow now yields {format_step(desc)} at "
+                f"{pos['file']}:{pos['line']} ({pos['function']}), but its history recorded {format_step(recorded)} "
                 f"(at line {rec.payload.get('line', '?')}). The code changed under a running workflow: "
                 "restore it, or guard the change with `if (yield patched('change-id')):`, "
                 f"then call baton.resume({self.run_id!r})",
@@ -503,7 +505,7 @@ class Instance:
         assert self.gen is not None
         pos = cp.position(self.gen)
         payload = {"command": desc, "line": pos["line"], **extra}
-        ev = NewEvent("step_scheduled", k, None, payload, key=f"step:{k}", name=_label(desc))
+        ev = NewEvent("step_scheduled", k, None, payload, key=f"step:{k}", name=step_label(desc))
         self._emit(ev)
         self.scheduled[k] = Event(0, ev.kind, k, None, payload, self._now, ev.key)
         self._max_recorded_step = max(self._max_recorded_step, k)
@@ -560,7 +562,7 @@ class Instance:
             raise NonDeterminismError(
                 f"run {self.run_id}: the workflow {how} after step {self.step} (last yield at {pos['file']}:"
                 f"{pos['line']}, in {pos['function']}) on replay, but its history goes on to step "
-                f"{self._max_recorded_step} ({_fmt(nxt)}). The code changed under a running workflow: restore "
+                f"{self._max_recorded_step} ({format_step(nxt)}). The code changed under a running workflow: restore "
                 f"it, then call baton.resume({self.run_id!r})",
                 run_id=self.run_id, step=self.step + 1, recorded=nxt, new=how, file=pos["file"], line=pos["line"],
             )
@@ -587,22 +589,6 @@ def _copy(value: Any) -> Any:
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return json.loads(json.dumps(value))
-
-
-def _label(desc: dict[str, Any]) -> str:
-    leaves = desc.get("leaves", [])
-    if len(leaves) == 1:
-        return f"{leaves[0]['kind']}:{leaves[0]['name']}"
-    return f"{desc.get('mode')}[{len(leaves)}]"
-
-
-def _fmt(desc: Any) -> str:
-    if not isinstance(desc, dict):
-        return repr(desc)
-    leaves = ", ".join(f"{x.get('kind')} {x.get('name')!r}" + (f" #{x['digest']}" if x.get("digest") else "")
-                       for x in desc.get("leaves", []))
-    mode = desc.get("mode")
-    return leaves if mode in ("one", "value") else f"{mode}({leaves})"
 
 
 def replay(definition: Definition, run_id: str, events: Sequence[Event], *, now: datetime,

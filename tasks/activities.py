@@ -181,8 +181,7 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
     store = runtime.store
     me = worker_id(str(task.request.hostname or "unknown"))
 
-    cached = runtime.cache.items.get(rt.run_of_task(task_id))
-    after = cached.seq if cached is not None else 0  # what the cached generator lacks, read with the record
+    after = runtime.cache.seq_of(rt.run_of_task(task_id))  # what the cached generator lacks, read with the record
 
     def record(conn: Connection) -> Any:
         return rt.record_attempt(conn, store, task_id, ok, value, utcnow(), me, started_at, after)

@@ -94,6 +94,11 @@ class Cache:
             self.hits += 1
         return inst
 
+    def seq_of(self, run_id: str) -> int:
+        """The seq the cached generator of ``run_id`` has reached (0 if none), without taking it."""
+        inst = self.items.get(run_id)
+        return inst.seq if inst is not None else 0
+
     def put(self, run_id: str, inst: Instance) -> None:
         if self.size <= 0:
             return

@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from tasks.faults import POINTS
-from tests.chaos.support import ChaosCluster, diagnose_runs, verify_runs, wait_all, wait_until
+from tests.chaos.diagnose import diagnose_runs
+from tests.chaos.support import ChaosCluster, verify_runs, wait_all, wait_until
 
 TIMEOUT = 180
 pytestmark = pytest.mark.timeout(TIMEOUT)

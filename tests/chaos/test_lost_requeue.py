@@ -29,7 +29,8 @@ from typing import Any
 import pytest
 import redis
 
-from tests.chaos.support import ChaosCluster, backend_cluster, count, diagnose_runs, verify_runs, wait_until
+from tests.chaos.diagnose import diagnose_runs
+from tests.chaos.support import ChaosCluster, backend_cluster, count, verify_runs, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
