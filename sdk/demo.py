@@ -23,19 +23,9 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.text import Text
 
-from .cli import (
-    EXIT_INTERRUPTED,
-    CliError,
-    Snapshot,
-    cli,
-    err,
-    out,
-    progress_line,
-    progress_renderable,
-    short_path,
-    snapshot,
-)
+from .cli import EXIT_INTERRUPTED, CliError, cli, err, out
 from .client import Baton
+from .display import Snapshot, progress_line, progress_renderable, short_path, snapshot
 from .events import RunStatus
 
 # ---------------------------------------------------------------- baton demo
