@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--top", type=int, default=35)
     ap.add_argument("--sent-events", action="store_true", help="publish task-sent events too")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the cached generator before each step (a cache miss: replay; use few --steps)")
     ap.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379") + "/14")
     args = ap.parse_args()
 
@@ -68,9 +70,12 @@ def main() -> None:
 
         def step(i: int) -> None:
             tid = rt.task_id(run_id, i + 1, 0, 1)
+            if args.cold:
+                runtime.cache.clear()
+            after = runtime.cache.seq_of(run_id)  # as tasks.activities.on_postrun does
 
             def record(conn):  # type: ignore[no-untyped-def]
-                return rt.record_attempt(conn, store, tid, True, i, utcnow(), me, None)
+                return rt.record_attempt(conn, store, tid, True, i, utcnow(), me, None, after, runtime.fans)
 
             adv.advance(runtime, run_id, before=record, publisher=me)
 

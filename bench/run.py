@@ -173,6 +173,10 @@ class Worker:
     def cpu(self) -> float:
         return cpu_seconds(self.pids())
 
+    def cpu_main(self) -> float:
+        """CPU of the main process alone (consumer, timers, Baton's sweeper thread)."""
+        return cpu_seconds([self.pid]) if self.alive() else 0.0
+
     def rss(self) -> dict[str, float]:
         """RSS in MB of the main process, of the largest pool child, and of the whole tree."""
         main = _rss_kb(self.pid) / 1024
@@ -290,8 +294,10 @@ class Env:
     def cpu(self) -> dict[str, Any]:
         """CPU seconds so far: Baton worker, its PostgreSQL backends (by pid), bare worker."""
         return {"baton": self.baton_w.cpu() if self.baton_w else 0.0,
+                "baton_main": self.baton_w.cpu_main() if self.baton_w else 0.0,
                 "pg": {pid: cpu_seconds([pid]) for pid in self.pg_backends()},
-                "bare": self.bare_w.cpu() if self.bare_w else 0.0}
+                "bare": self.bare_w.cpu() if self.bare_w else 0.0,
+                "bare_main": self.bare_w.cpu_main() if self.bare_w else 0.0}
 
     def baton_env(self) -> dict[str, str]:
         env = {"BENCH_SIDE": "baton", "BENCH_BROKER": self.baton_broker, "BENCH_DB": self.db_url,
@@ -481,7 +487,7 @@ class Meter:
     def __init__(self, env: Env) -> None:
         self.env = env
         self.wall: dict[str, list[float]] = {"baton": [], "bare": []}
-        self.cpu: dict[str, list[float]] = {"baton": [], "pg": [], "bare": []}
+        self.cpu: dict[str, list[float]] = {"baton": [], "baton_main": [], "pg": [], "bare": [], "bare_main": []}
 
     def measure(self, side: str, fn: Callable[[], float]) -> float:
         before = self.env.cpu()
@@ -490,10 +496,12 @@ class Meter:
         after = self.env.cpu()
         if side == "baton":
             self.cpu["baton"].append(after["baton"] - before["baton"])
+            self.cpu["baton_main"].append(after["baton_main"] - before["baton_main"])
             # per backend: one that closed meanwhile is not counted, one that opened counts from zero
             self.cpu["pg"].append(sum(max(0.0, t - before["pg"].get(pid, 0.0)) for pid, t in after["pg"].items()))
         else:
             self.cpu["bare"].append(after["bare"] - before["bare"])
+            self.cpu["bare_main"].append(after["bare_main"] - before["bare_main"])
         self.wall[side].append(value)
         return value
 
@@ -506,6 +514,8 @@ class Meter:
         wc = med(self.cpu["bare"]) / units * 1000
         out.append(Row(scenario, f"worker CPU ms per {unit} (all worker processes)", wb, wc,
                        samples={k: list(v) for k, v in self.cpu.items()}))
+        mb, mc = (med(self.cpu[k]) / units * 1000 for k in ("baton_main", "bare_main"))
+        out.append(Row(scenario, "  of which the worker's main process (consumer)", mb, mc))
         if pg is not None:
             out.append(Row(scenario, f"PostgreSQL backend CPU ms per {unit} (Baton's connections)", pg, None))
         return out

@@ -25,14 +25,15 @@ from sdk import serde
 from sdk.events import Event
 
 HOT_RUN_COLUMNS = ("run_id", "workflow_id", "workflow", "status", "last_seq", "decided_seq", "needs_advance",
-                   "step", "parent_run_id", "parent_step", "parent_slot")
+                   "step", "parent_run_id", "parent_step", "parent_slot", "fan_step", "fan_open")
 TASK_COLUMNS = ("state", "step", "slot", "attempt", "task")  # returned as task_state ... task_task
 SETTLED = ("done", "failed", "cancelled")
 EVENT_COLUMNS = ("run_id", "seq", "kind", "step", "slot", "name", "key", "payload", "at")
 NEW_TASK_COLUMNS = ("id", "run_id", "step", "slot", "attempt", "task", "args", "kwargs", "options", "timeout",
                     "state", "worker", "dispatches", "not_before", "created_at", "published_at")
 CHECKPOINT_COLUMNS = ("run_id", "step", "file", "line", "function", "locals_delta", "waiting", "at")
-RUN_UPDATE_COLUMNS = ("decided_seq", "last_seq", "needs_advance", "updated_at", "step", "status", "waiting")
+RUN_UPDATE_COLUMNS = ("decided_seq", "last_seq", "needs_advance", "updated_at", "step", "status", "waiting",
+                      "fan_step", "fan_open")
 
 
 class HotSQL:
@@ -48,14 +49,58 @@ class HotSQL:
             return f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(p(c) for c in cols)})"
 
         settled = ", ".join(f"'{s}'" for s in SETTLED)
-        self.record = (
-            f"SELECT {', '.join('r.' + c for c in HOT_RUN_COLUMNS)}, {', '.join('t.' + c for c in TASK_COLUMNS)} "
-            f"FROM baton_tasks t JOIN baton_runs r ON r.run_id = t.run_id WHERE t.id = {p('tid')}"
-            + (" FOR UPDATE OF r" if postgres else ""))
-        self.settle = (
-            f"UPDATE baton_tasks SET state = {p('state')}, finished_at = {p('now')}, "
-            f"worker = COALESCE({p('worker')}, worker), started_at = COALESCE(started_at, {p('started')}) "
-            f"WHERE id = {p('tid')} AND state NOT IN ({settled})")
+        cols = f"{', '.join('r.' + c for c in HOT_RUN_COLUMNS)}, {', '.join('t.' + c for c in TASK_COLUMNS)}"
+
+        def record(extra: str) -> str:
+            return (f"SELECT {cols}{extra} FROM baton_tasks t JOIN baton_runs r ON r.run_id = t.run_id "
+                    f"WHERE t.id = {p('tid')}" + (" FOR UPDATE OF r" if postgres else ""))
+
+        self.record = record("")
+        self.record_cold = record(", r.locals")  # no cached generator: the checkpoint delta needs them
+        settle = (f"UPDATE baton_tasks SET state = {p('state')}, finished_at = {p('now')}, "
+                  f"worker = COALESCE({p('worker')}, worker), started_at = COALESCE(started_at, {p('started')}), ")
+        guard = f"WHERE id = {p('tid')} AND state NOT IN ({settled})"
+        if postgres:
+            # One statement: lock the run (first: an InitPlan, before any attempt row is touched,
+            # the order every writer takes), settle the attempt, keep a fan-out's result in its row
+            # and count the fan-out down; return the run's hot columns and the attempt's as they
+            # were, the rows settled and the fan-out's open slots left (NULL if not a fan-out).
+            def locked_record(extra: str) -> str:
+                run_cols = ", ".join(HOT_RUN_COLUMNS) + extra
+                return (
+                    f"WITH r AS (SELECT {run_cols} FROM baton_runs WHERE run_id = {p('run_id')} FOR UPDATE), "
+                    f"s AS ({settle}result = CASE WHEN step = (SELECT fan_step FROM r WHERE step = fan_step "
+                    f"AND status = 'running') THEN CAST({p('result')} AS TEXT) END {guard} "
+                    f"AND EXISTS (SELECT 1 FROM r) RETURNING result IS NOT NULL AS fanned), "
+                    f"f AS (UPDATE baton_runs SET fan_open = fan_open - 1 WHERE run_id = {p('run_id')} "
+                    f"AND EXISTS (SELECT 1 FROM s WHERE s.fanned) RETURNING fan_open) "
+                    f"SELECT {', '.join('r.' + c for c in HOT_RUN_COLUMNS)}, "
+                    f"{', '.join('t.' + c for c in TASK_COLUMNS)}{extra.replace(', ', ', r.')}, "
+                    f"(SELECT count(*) FROM s), (SELECT fan_open FROM f) "
+                    f"FROM r JOIN baton_tasks t ON t.id = {p('tid')}")
+
+            self.record = locked_record("")
+            self.record_cold = locked_record(", locals")
+            # A result expected to belong to the run's current fan-out (the process saw the
+            # previous one do so): lock the run only if so, settle, keep, count down, flag the run
+            # for a decision at zero, all in one statement, committed in the same round trip.
+            # Returns (run matched, rows settled, open slots left).
+            self.fan_settle = (
+                f"WITH r AS (SELECT run_id FROM baton_runs WHERE run_id = {p('run_id')} AND status = 'running' "
+                f"AND fan_step = {p('step')} AND step = {p('step')} FOR UPDATE), "
+                f"s AS ({settle}result = CAST({p('result')} AS TEXT) {guard} AND step = {p('step')} "
+                f"AND EXISTS (SELECT 1 FROM r) RETURNING 1), "
+                f"f AS (UPDATE baton_runs SET fan_open = fan_open - 1, needs_advance = needs_advance OR fan_open <= 1, "
+                f"advance_requested_at = CASE WHEN fan_open <= 1 THEN {p('now')} ELSE advance_requested_at END "
+                f"WHERE run_id = {p('run_id')} AND EXISTS (SELECT 1 FROM s) RETURNING fan_open) "
+                f"SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM s), (SELECT fan_open FROM f)")
+        else:  # no data-modifying CTEs: the caller decides from the run row it has just read
+            self.settle = f"{settle}result = {p('result')} {guard}"
+            self.count_down = f"UPDATE baton_runs SET fan_open = fan_open - 1 WHERE run_id = {p('run_id')} " \
+                              "RETURNING fan_open"
+        kept = f"WHERE run_id = {p('run_id')} AND step = {p('step')} AND result IS NOT NULL"
+        self.harvest = f"SELECT slot, attempt, task, result, finished_at FROM baton_tasks {kept}"
+        self.harvested = f"UPDATE baton_tasks SET result = NULL {kept}"  # RETURNING would give the new NULLs
         self.events = insert("baton_events", EVENT_COLUMNS)
         self.history = (f"SELECT seq, kind, step, slot, payload, at, key, name FROM baton_events "
                         f"WHERE run_id = {p('run_id')} AND seq > {p('after')} ORDER BY seq")
@@ -124,37 +169,57 @@ def _ts(value: datetime | None, postgres: bool) -> Any:
 
 
 def record(conn: Connection, tid: str, run_id: str, ok: bool, now: datetime, worker: str | None,
-           started_at: datetime | None, history_after: int | None = None,
-           ) -> tuple[dict[str, Any], int, list[Event] | None] | None:
+           started_at: datetime | None, result: str | None, history_after: int | None = None,
+           ) -> tuple[dict[str, Any], int, int | None, list[Event] | None] | None:
     """Lock the attempt's run, and settle the attempt if it is still open.
 
-    Returns (the run's hot columns and the attempt's, rows settled: 1, or 0 for a late or
-    duplicate result, the run's events after ``history_after`` or None if not asked), or None
-    for an unknown attempt. The history read rides in the same round trip on PostgreSQL (a
-    cached generator a few events behind, because another process advanced the run, needs
-    them). The settle of an ignored result is a no-op: a settled attempt stays as it was.
+    Returns (the run's hot columns and the attempt's, and its ``locals`` when
+    ``history_after`` is 0 (no cached generator); rows settled: 1, or 0 for a late or
+    duplicate result; the open slots left when the attempt belongs to the run's current
+    fan-out (its ``result``, the event payload as JSON, is then kept in the attempt's row and
+    the run's ``fan_open`` counted down), else None; the run's events after ``history_after``,
+    or None if not asked), or None for an unknown attempt. The history read rides in the same
+    round trip on PostgreSQL (a cached generator a few events behind, because another
+    process advanced the run, needs them). The settle of an ignored result is a no-op.
     """
     raw, postgres = _driver(conn)
     sql = _SQL[postgres]
     params = {"tid": tid, "state": "done" if ok else "failed", "now": _ts(now, postgres), "worker": worker,
-              "started": _ts(started_at, postgres)}
+              "started": _ts(started_at, postgres), "run_id": run_id, "result": result if ok else None}
     hist = None
+    cold = history_after == 0
     with _errors(conn, sql.record), raw.pipeline() if postgres else nullcontext():
         cur = raw.cursor()
-        cur.execute(sql.record, {"tid": tid})
-        upd = raw.cursor()
-        upd.execute(sql.settle, params)
-        if history_after is not None and postgres:
+        cur.execute(sql.record_cold if cold else sql.record, params if postgres else {"tid": tid})
+        if postgres and history_after is not None:
             hist = raw.cursor()
             hist.execute(sql.history, {"run_id": run_id, "after": history_after})
     with _errors(conn, sql.record):
         row = cur.fetchone()
-        settled = upd.rowcount
         if row is None:
             return None
-        names = HOT_RUN_COLUMNS + tuple("task_" + c for c in TASK_COLUMNS)
+        names = HOT_RUN_COLUMNS + tuple("task_" + c for c in TASK_COLUMNS) + (("locals",) if cold else ())
+        if postgres:
+            names += ("_settled", "_open_left")
         out = dict(zip(names, row, strict=True))
         out["needs_advance"] = bool(out["needs_advance"])
+        open_left: int | None
+        if postgres:
+            settled, open_left = out.pop("_settled"), out.pop("_open_left")
+        else:
+            upd = raw.cursor()
+            fanned = (params["result"] is not None and out["status"] == "running"
+                      and out["fan_step"] is not None and out["fan_step"] == out["step"] == out["task_step"])
+            if not fanned:
+                params["result"] = None
+            upd.execute(sql.settle, params)
+            settled, open_left = upd.rowcount, None
+            if settled and fanned:
+                upd.execute(sql.count_down, {"run_id": run_id})
+                open_left = upd.fetchone()[0]
+            upd.close()
+        if open_left is not None:
+            out["fan_open"] = open_left
         events: list[Event] | None = None
         if history_after is not None and hist is None and out["last_seq"] > history_after:
             hist = raw.cursor()
@@ -165,8 +230,51 @@ def record(conn: Connection, tid: str, run_id: str, ok: bool, now: datetime, wor
         elif history_after is not None:
             events = []
     cur.close()
-    upd.close()
-    return out, settled, events
+    return out, settled, open_left, events
+
+
+def record_fanned(conn: Connection, tid: str, run_id: str, step: int, now: datetime, worker: str | None,
+                  started_at: datetime | None, result: str) -> tuple[bool, bool, int | None]:
+    """PostgreSQL only: record a success expected to belong to the run's current fan-out
+    (step ``step``) in one statement, on an autocommit connection (``Store.single``): one
+    round trip. Returns (the run is on that fan-out, the
+    attempt was settled now, the open slots left). Nothing is written unless both hold; at
+    zero the run is flagged ``needs_advance`` in the same commit, so its decision (the
+    caller's next transaction) is re-driven by the sweeper if this process dies first."""
+    raw, postgres = _driver(conn)
+    assert postgres, "record_fanned is PostgreSQL's"
+    sql = _SQL[True]
+    params = {"tid": tid, "state": "done", "now": now, "worker": worker, "started": started_at, "run_id": run_id,
+              "step": step, "result": result}
+    with _errors(conn, sql.fan_settle):
+        cur = raw.cursor()
+        cur.execute(sql.fan_settle, params)
+        matched, settled, open_left = cur.fetchone()
+        cur.close()
+    return bool(matched), bool(settled), open_left
+
+
+def harvest(conn: Connection, run_id: str, step: int) -> list[tuple[int, int, str, str, datetime | None]]:
+    """Take the fan-out results kept in a step's attempt rows (clearing them, so each is taken
+    once): (slot, attempt, task, result JSON, finished at), in the order they finished."""
+    raw, postgres = _driver(conn)
+    sql = _SQL[postgres]
+    params = {"run_id": run_id, "step": step}
+    with _errors(conn, sql.harvest), raw.pipeline() if postgres else nullcontext():
+        cur = raw.cursor()  # the run is locked: no result can be kept in between these two
+        cur.execute(sql.harvest, params)
+        if postgres:
+            clear = raw.cursor()
+            clear.execute(sql.harvested, params)
+    with _errors(conn, sql.harvest):
+        rows = [(slot, attempt, task, result, _aware(at)) for slot, attempt, task, result, at in cur.fetchall()]
+        cur.close()
+        if not postgres and rows:
+            cur = raw.cursor()
+            cur.execute(sql.harvested, params)
+            cur.close()
+    rows.sort(key=lambda r: (r[4] or datetime.min.replace(tzinfo=UTC), r[0]))
+    return rows
 
 
 def write(conn: Connection, events: list[dict[str, Any]], tasks: list[dict[str, Any]],

@@ -2,22 +2,36 @@
 silently by a worker: changing a shared production schema is an operator's decision.
 
 ``MIGRATIONS[v]`` upgrades a database from version ``v`` to ``v + 1``. Version 1 is the
-first schema, so the table is empty today; the mechanism and its error messages are
-what a database written by an older Baton meets.
+first schema; version 2 adds the columns of the deferred fan-in (``baton_runs.fan_step``,
+``baton_runs.fan_open``, ``baton_tasks.result``), all nullable, so old rows need no rewrite.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, inspect, select, text, update
 
 from sdk.errors import StoreError
 
 from . import dialect
 from .models import SCHEMA_VERSION, MetaRow
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+# Constant DDL text (no SQL is built from strings); each guarded by a look at the table first.
+_V2_COLUMNS = (
+    ("baton_runs", "fan_step", "ALTER TABLE baton_runs ADD COLUMN fan_step INTEGER"),
+    ("baton_runs", "fan_open", "ALTER TABLE baton_runs ADD COLUMN fan_open INTEGER"),
+    ("baton_tasks", "result", "ALTER TABLE baton_tasks ADD COLUMN result TEXT"),
+)
+
+
+def _v1_to_v2(conn: Connection) -> None:
+    for table, column, ddl in _V2_COLUMNS:
+        if column not in {c["name"] for c in inspect(conn).get_columns(table)}:
+            conn.execute(text(ddl))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
 meta_t = MetaRow.__table__  # type: ignore[attr-defined]
 
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Column, DateTime, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: baton_runs.fan_step/fan_open, baton_tasks.result (deferred fan-in)
 
 
 def utcnow() -> datetime:
@@ -47,6 +47,8 @@ class Run(SQLModel, table=True):
     decided_seq: int = 0
     step: int = 0
     waiting: str | None = Field(default=None, sa_column=Column(Text))
+    fan_step: int | None = None  # the current step, when it is a fan-out of activities (deferred fan-in)
+    fan_open: int | None = None  # its slots still without an outcome; the completion that takes it to 0 decides
     position: str | None = Field(default=None, sa_column=Column(Text))
     locals: str | None = Field(default=None, sa_column=Column(Text))
     needs_advance: bool = Field(default=True, index=True)
@@ -112,6 +114,7 @@ class TaskRow(SQLModel, table=True):
     options: str = Field(sa_column=Column(Text, nullable=False))
     timeout: float | None = None
     state: str = Field(max_length=16)  # scheduled|published|started|done|failed|cancelled
+    result: str | None = Field(default=None, sa_column=Column(Text))  # a fan-out result not yet in the history
     worker: str | None = Field(default=None, max_length=255)
     dispatches: int = 0
     not_before: datetime | None = Field(default=None, sa_column=_ts(nullable=True))

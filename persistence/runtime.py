@@ -49,6 +49,7 @@ class Outbox:
     cancel_runs: list[tuple[str, str]] = field(default_factory=list)  # (run id, reason)
     last_seq: int = 0  # the run's last seq after the commit
     locals: Any = UNKNOWN  # the run's checkpointed locals after the commit, when this decision wrote them
+    fan_step: int | None = None  # the step of the fan-out the run now waits on, if it does
 
     def merge(self, other: Outbox) -> None:
         self.publish += other.publish
@@ -166,7 +167,7 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
         out.locals = base
     values: dict[str, Any] = {"decided_seq": last, "last_seq": last, "needs_advance": False, "updated_at": now,
                               "step": d.step, "status": d.status.value,
-                              "waiting": serde.dumps(d.waiting_on, "waiting", None)}
+                              "waiting": serde.dumps(d.waiting_on, "waiting", None), **_fan(d)}
     if d.checkpoints:
         last_ck = d.checkpoints[-1]
         values["position"] = serde.dumps(last_ck.position, "position", None)
@@ -192,6 +193,7 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
             _notify_parent(store, conn, run, d, out)
     conn.execute(update(runs).where(runs.c.run_id == rid).values(**values))
     out.last_seq = last
+    out.fan_step = values["fan_step"]
     return out
 
 
@@ -225,6 +227,11 @@ def _task_rows(rid: str, d: Decision, now: datetime, publisher: str | None, out:
     return rows
 
 
+def _fan(d: Decision) -> dict[str, int | None]:
+    """The run's fan-in counter after this decision (NULL unless it waits on a fan-out)."""
+    return {"fan_step": d.fan[0], "fan_open": d.fan[1]} if d.fan else {"fan_step": None, "fan_open": None}
+
+
 def _plain(d: Decision) -> bool:
     """A decision of the hot path: the run goes on, with new steps and activities at most."""
     return (d.status is RunStatus.RUNNING and not d.timers and not d.children and not d.cancels
@@ -241,7 +248,7 @@ def _commit_plain(conn: Connection, run: Any, d: Decision, now: datetime, publis
     checkpoints = []
     values: dict[str, Any] = {"run_id": rid, "decided_seq": last, "last_seq": last, "needs_advance": False,
                               "updated_at": now, "step": d.step, "status": d.status.value,
-                              "waiting": serde.dumps(d.waiting_on, "waiting", None)}
+                              "waiting": serde.dumps(d.waiting_on, "waiting", None), **_fan(d)}
     if d.checkpoints:
         base = _base_locals(conn, run)
         for ck in d.checkpoints:
@@ -255,6 +262,7 @@ def _commit_plain(conn: Connection, run: Any, d: Decision, now: datetime, publis
         values["locals"] = serde.dumps(base, "locals", None)
     hot.write(conn, events, tasks, checkpoints, values)
     out.last_seq = last
+    out.fan_step = values["fan_step"]
     return out
 
 
@@ -316,37 +324,92 @@ def _notify_parent(store: Store, conn: Connection, run: Any, d: Decision, out: O
 
 def record_attempt(conn: Connection, store: Store, tid: str, ok: bool, value: Any, now: datetime,
                    worker: str | None = None, started_at: datetime | None = None,
-                   history_after: int | None = None) -> tuple[SimpleNamespace, Event] | None:
+                   history_after: int | None = None, fans: dict[str, int] | None = None,
+                   ) -> tuple[SimpleNamespace, Event | None] | None:
     """Record an attempt's outcome once, on the hot path.
 
     Returns the locked run (``last_seq`` including the new event, which waits in
     ``run.pending`` to be written with the decision's events in one statement) and the
-    event, or None for a late or duplicate result. One statement reads the attempt and locks
-    its run; the guarded update of the attempt's state is the idempotency check (it takes the
-    attempt's row lock and sees its latest state), backed by the unique ``(run_id, key)`` index.
+    event, or None when there is nothing to decide: a late or duplicate result, or a
+    success in the run's current fan-out with other slots still open (kept in the attempt's
+    row, see :func:`harvest`). The last open slot of a fan-out returns the run with no event:
+    the decision harvests them all. One statement reads the attempt and locks its run; the
+    guarded update of the attempt's state is the idempotency check (it takes the attempt's
+    row lock and sees its latest state), backed by the unique ``(run_id, key)`` index.
     ``worker`` (who ran it) and ``started_at`` are written unless a claim wrote them. With
     ``history_after``, the run's events after that seq come along as ``run.prefetched``.
+    ``fans`` (run id -> step) learns which runs wait on a fan-out, for :func:`record_fanned`.
     """
-    got = hot.record(conn, tid, run_of_task(tid), ok, now, worker, started_at, history_after)
+    rid, attempt_s = run_of_task(tid), tid.rsplit(":", 1)[1]
+    payload: dict[str, Any] = {"attempt": int(attempt_s), "result" if ok else "error": value}
+    kept = serde.dumps(payload, "event", None) if ok else None
+    got = hot.record(conn, tid, rid, ok, now, worker, started_at, kept, history_after)
     if got is None:
         log.warning("baton: result for unknown task %s ignored", tid)
         return None
-    row, settled, history = got
+    row, settled, open_left, history = got
     if not settled or RunStatus(row["status"]).terminal:
         log.info("baton: late or duplicate result for %s ignored (attempt already %s, run %s)", tid,
                  row["task_state"], row["status"])
         return None
-    step, slot, attempt = row["task_step"], row["task_slot"], row["task_attempt"]
-    payload: dict[str, Any] = {"attempt": attempt, "result" if ok else "error": value}
-    kind = "activity_completed" if ok else "activity_failed"
+    if open_left is not None and open_left > 0:
+        if fans is not None:
+            fans[rid] = row["task_step"]
+        return None  # kept in the attempt's row; the fan-out's last completion decides
+    if fans is not None:
+        fans.pop(rid, None)
     run = SimpleNamespace(**{c: row[c] for c in hot.HOT_RUN_COLUMNS})
-    run.last_seq += 1
+    if "locals" in row:
+        run.locals = row["locals"]
     run.needs_advance = True
-    ev = Event(run.last_seq, kind, step, slot, payload, now, f"att:{step}:{slot}:{attempt}", row["task_task"])
-    run.pending = [ev]
+    run.pending = []
     if history is not None and history_after is not None:
         run.prefetched = (history_after, history)
+    if open_left is not None:
+        return run, None  # the last slot of a fan-out: its result is harvested with the others
+    step, slot, attempt = row["task_step"], row["task_slot"], row["task_attempt"]
+    run.last_seq += 1
+    kind = "activity_completed" if ok else "activity_failed"
+    ev = Event(run.last_seq, kind, step, slot, payload, now, f"att:{step}:{slot}:{attempt}", row["task_task"])
+    run.pending = [ev]
     return run, ev
+
+
+def record_fanned(conn: Connection, tid: str, step: int, value: Any, now: datetime, worker: str | None,
+                  started_at: datetime | None) -> str:
+    """Record a success expected to belong to its run's current fan-out, in one round trip
+    that also commits (PostgreSQL). Returns ``"kept"`` (other slots still open: nothing to
+    decide), ``"last"`` (the fan-out is complete and the run flagged: advance it now),
+    ``"duplicate"`` (already settled) or ``"other"`` (not the current fan-out: nothing was
+    written; record it with :func:`record_attempt`)."""
+    payload = {"attempt": int(tid.rsplit(":", 1)[1]), "result": value}
+    matched, settled, open_left = hot.record_fanned(conn, tid, run_of_task(tid), step, now, worker, started_at,
+                                                    serde.dumps(payload, "event", None))
+    if not matched:
+        return "other"
+    if not settled:
+        log.info("baton: late or duplicate result for %s ignored", tid)
+        return "duplicate"
+    return "kept" if open_left else "last"
+
+
+def harvest(conn: Connection, run: Any) -> None:
+    """Move the results of the run's current fan-out kept in attempt rows into its history:
+    appended (as ``run.pending``) before the run is decided, so that the engine sees every
+    outcome its counter counted. Called by every decision on a locked run."""
+    step = getattr(run, "fan_step", None)
+    if step is None or step != run.step or run.status != RunStatus.RUNNING.value:
+        return
+    rows = hot.harvest(conn, run.run_id, step)
+    if not rows:
+        return
+    pending: list[Event] = list(getattr(run, "pending", None) or [])
+    for slot, attempt, task, result, at in rows:
+        run.last_seq += 1
+        pending.append(Event(run.last_seq, "activity_completed", step, slot, serde.loads(result), at,
+                             f"att:{step}:{slot}:{attempt}", task))
+    run.pending = pending
+    run.needs_advance = True
 
 
 def event_row(run_id: str, e: Event) -> dict[str, Any]:

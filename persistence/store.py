@@ -133,6 +133,13 @@ class Store:
             yield conn
 
     @contextmanager
+    def single(self) -> Iterator[Connection]:
+        """A connection in autocommit mode, for a write that is one statement (its own
+        transaction: one round trip, no BEGIN or COMMIT)."""
+        with self.engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextmanager
     def read(self) -> Iterator[Connection]:
         with self.reader.connect() as conn:
             yield conn

@@ -149,3 +149,6 @@ class Decision:
     continue_as_new: tuple[list[Any], dict[str, Any]] | None = None
     step: int = 0
     waiting_on: list[dict[str, Any]] = field(default_factory=list)
+    # (step, open slots) when the run now waits on a fan-out of activities alone: its successful
+    # completions can then be recorded without running the generator, until the last one.
+    fan: tuple[int, int] | None = None

@@ -85,6 +85,7 @@ class _Step:
     leaf_desc: list[dict[str, Any]] = field(default_factory=list)  # computed once: digests are not free
     has_signal: bool = False
     first_open: int = 0  # no slot before it is open (slots never reopen): waiting lists start here
+    fanout: bool | None = None  # two or more activities, all needed (computed once)
 
 
 # A checkpoint's waiting list names at most this many open slots, then counts the rest: a
@@ -182,6 +183,7 @@ class Instance:
         self._d.step = self.step
         if self._d.status is RunStatus.RUNNING and self.current is not None:
             self._d.waiting_on = self._waiting(self.current)
+            self._d.fan = self._fan(self.current)
         return self._d
 
     # ------------------------------------------------------------ indexing outputs
@@ -566,6 +568,16 @@ class Instance:
                 f"it, then call baton.resume({self.run_id!r})",
                 run_id=self.run_id, step=self.step + 1, recorded=nxt, new=how, file=pos["file"], line=pos["line"],
             )
+
+    @staticmethod
+    def _fan(cur: _Step) -> tuple[int, int] | None:
+        """A step of two or more activities, all needed: only its last open slot can resolve it."""
+        if cur.fanout is None:
+            cur.fanout = (cur.spec.mode == "all" and len(cur.outcomes) >= 2
+                          and all(isinstance(leaf, Activity) for leaf in cur.spec.leaves))
+        if cur.done or not cur.fanout:
+            return None
+        return cur.number, len(cur.outcomes) - len(cur.settled)
 
     def _waiting(self, cur: _Step) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

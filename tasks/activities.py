@@ -180,15 +180,18 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
         }
     store = runtime.store
     me = worker_id(str(task.request.hostname or "unknown"))
+    run_id = rt.run_of_task(task_id)
+    fault("before_record")
+    if ok and not store.sqlite and _fanned(runtime, task_id, run_id, value, me, started_at):
+        return
 
-    after = runtime.cache.seq_of(rt.run_of_task(task_id))  # what the cached generator lacks, read with the record
+    after = runtime.cache.seq_of(run_id)  # what the cached generator lacks, read with the record
 
     def record(conn: Connection) -> Any:
-        return rt.record_attempt(conn, store, task_id, ok, value, utcnow(), me, started_at, after)
+        return rt.record_attempt(conn, store, task_id, ok, value, utcnow(), me, started_at, after, runtime.fans)
 
-    fault("before_record")
     try:
-        adv.advance(runtime, rt.run_of_task(task_id), before=record, publisher=me)
+        adv.advance(runtime, run_id, before=record, publisher=me)
     except Exception:
         # Never let Celery ack a message whose result we could not record: die, and the
         # message is redelivered (and the sweeper re-dispatches the attempt).
@@ -197,3 +200,28 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
         logging.shutdown()
         os._exit(70)
     fault("after_publish")  # recorded and published, not yet acknowledged
+
+
+def _fanned(runtime: Runtime, task_id: str, run_id: str, value: Any, me: str, started_at: Any) -> bool:
+    """Record a success of the fan-out its run waits on (as this process last saw it) in one
+    round trip; True if that settled it. False sends it down the usual path: another step, or
+    a database error (the usual path retries, and its guard sees whether this one committed)."""
+    step = int(task_id.rsplit(":", 3)[1])
+    if runtime.fans.get(run_id) != step:
+        return False
+    try:
+        with runtime.store.single() as conn:
+            outcome = rt.record_fanned(conn, task_id, step, value, utcnow(), me, started_at)
+    except Exception as exc:
+        log.warning("baton: recording %s in its fan-out failed, taking the usual path: %s", task_id, exc)
+        return False
+    if outcome == "other":
+        runtime.fans.pop(run_id, None)
+        return False
+    if outcome == "last":
+        runtime.fans.pop(run_id, None)
+        try:  # committed with the run flagged: if this fails, the sweeper decides it
+            adv.advance(runtime, run_id, publisher=me)
+        except Exception as exc:
+            log.warning("baton: advancing %s after its fan-out failed; the sweeper will: %s", run_id, exc)
+    return True

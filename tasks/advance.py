@@ -30,12 +30,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("baton.advance")
 
 DB_RETRY_SECONDS = 90.0  # how long a worker keeps retrying through a database outage
+FANS_REMEMBERED = 10_000  # runs whose fan-out a process remembers (a hint: forgetting costs a round trip)
 
 
 def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] | None = None,
             publisher: str | None = None) -> None:
     """Advance ``run_id``; ``before(conn)`` runs first in the same transaction and returns
-    ``(locked run, appended event)`` (or None to stop), e.g. to record an activity's result."""
+    ``(locked run, appended event or None)`` (or None: nothing to decide), e.g. to record an
+    activity's result."""
     store = runtime.store
     deadline = time.monotonic() + DB_RETRY_SECONDS
     delay = 0.05
@@ -43,18 +45,23 @@ def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] |
         inst: Instance | None = None
         try:
             with store.tx() as conn:
-                appended: Event | None = None
                 if before is not None:
                     got = before(conn)
                     if got is None:
-                        return
-                    run, appended = got
+                        return  # nothing to decide (a duplicate, or a fan-out's non-final result): commit
+                    run = got[0]
                 else:
                     row = store.lock_run(conn, run_id)
                     if row is None:
                         return
                     run = rt.mutable(row)
-                out, inst, status = _decide(runtime, conn, run, appended, publisher)
+                out, inst, status = _decide(runtime, conn, run, publisher)
+            if out.fan_step is not None:
+                if len(runtime.fans) >= FANS_REMEMBERED:
+                    runtime.fans.clear()
+                runtime.fans[run_id] = out.fan_step
+            else:
+                runtime.fans.pop(run_id, None)
             if inst is not None and status is RunStatus.RUNNING:
                 inst.seq = out.last_seq
                 if out.locals is not rt.UNKNOWN:
@@ -80,7 +87,7 @@ def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] |
             raise
 
 
-def _decide(runtime: Runtime, conn: Connection, run: Any, appended: Event | None,
+def _decide(runtime: Runtime, conn: Connection, run: Any,
             publisher: str | None) -> tuple[rt.Outbox, Instance | None, RunStatus]:
     store = runtime.store
     status = RunStatus(run.status)
@@ -97,16 +104,18 @@ def _decide(runtime: Runtime, conn: Connection, run: Any, appended: Event | None
         rt.keep_inputs(conn, run, utcnow())
         store.touch_run(conn, run.run_id, run.last_seq)
         return rt.Outbox(), None, status
+    rt.harvest(conn, run)  # a fan-out's results kept in attempt rows join the history first
+    pending: list[Event] = getattr(run, "pending", None) or []  # appended in this transaction, not yet written
+    committed = pending[0].seq - 1 if pending else run.last_seq  # the last event already in the store
     inst = runtime.cache.take(run.run_id)
-    if inst is None or inst.poisoned or inst.finished or inst.seq > run.last_seq or inst.definition is not defn:
+    if inst is None or inst.poisoned or inst.finished or inst.seq > committed or inst.definition is not defn:
         inst = Instance(defn, run.run_id, runtime.baton.max_payload_bytes)
-    if appended is not None and inst.seq == appended.seq - 1:
-        events = [appended]  # cache hit: the only new event is the one this transaction appended
+    if inst.seq == committed and inst.seq > 0:
+        events = pending  # cache hit: the only new events are those this transaction appends
         known = inst.host.get("locals", rt.UNKNOWN)
         if known is not rt.UNKNOWN:
             run.known_locals = known  # so the checkpoint delta needs no read of the run's locals
     else:
-        pending = getattr(run, "pending", None) or []  # appended in this transaction, not yet written
         pre = getattr(run, "prefetched", None)  # read with the record, for the cached instance's seq
         stored = pre[1] if pre is not None and pre[0] == inst.seq else store.events(run.run_id, after=inst.seq,
                                                                                    conn=conn)

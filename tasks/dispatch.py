@@ -32,27 +32,43 @@ HEADER_TIMEOUT = "baton_timeout"
 
 
 def publish(runtime: Runtime, messages: list[dict[str, Any]]) -> None:
-    """Send activity attempts (their rows are already committed)."""
-    if messages:
-        runtime.ensure_broker()
-    for msg in messages:
-        options = dict(msg["options"] or {})
-        if msg["attempt"] > 1:
-            options.pop("countdown", None)  # a retry waited on not_before, not on the broker
-        kwargs = msg["kwargs"]
-        shown = {**kwargs, "baton_run": msg["run_id"], "baton_step": msg["step"]}
-        if msg["slot"]:
-            shown["baton_slot"] = msg["slot"]
-        if msg["attempt"] > 1:
-            shown["baton_attempt"] = msg["attempt"]
-        headers = {HEADER_RUN: msg["run_id"], HEADER_STEP: msg["step"], "baton_slot": msg["slot"],
-                   "baton_attempt": msg["attempt"]}
-        if msg["timeout"]:
-            headers[HEADER_TIMEOUT] = msg["timeout"]
-        runtime.app.send_task(msg["task"], args=msg["args"], kwargs=kwargs, task_id=msg["id"], headers=headers,
-                              argsrepr=repr(tuple(msg["args"])), kwargsrepr=repr(shown), **options)
-        if len(messages) > 1 and msg is messages[len(messages) // 2]:
-            fault("mid_fanout_publish")
+    """Send activity attempts (their rows are already committed).
+
+    Several at once (a fan-out) go through kombu's producer batch: on Redis, one pipeline of
+    LPUSHes per half instead of a client and a round trip per message.
+    """
+    if not messages:
+        return
+    runtime.ensure_broker()
+    if len(messages) == 1:
+        _send(runtime, messages[0], None)
+        return
+    half = (len(messages) + 1) // 2
+    with runtime.app.producer_or_acquire() as producer:
+        for part in (messages[:half], messages[half:]):
+            with producer.batch():
+                for msg in part:
+                    _send(runtime, msg, producer)
+            if part is not messages[half:]:
+                fault("mid_fanout_publish")
+
+
+def _send(runtime: Runtime, msg: dict[str, Any], producer: Any) -> None:
+    options = dict(msg["options"] or {})
+    if msg["attempt"] > 1:
+        options.pop("countdown", None)  # a retry waited on not_before, not on the broker
+    kwargs = msg["kwargs"]
+    shown = {**kwargs, "baton_run": msg["run_id"], "baton_step": msg["step"]}
+    if msg["slot"]:
+        shown["baton_slot"] = msg["slot"]
+    if msg["attempt"] > 1:
+        shown["baton_attempt"] = msg["attempt"]
+    headers = {HEADER_RUN: msg["run_id"], HEADER_STEP: msg["step"], "baton_slot": msg["slot"],
+               "baton_attempt": msg["attempt"]}
+    if msg["timeout"]:
+        headers[HEADER_TIMEOUT] = msg["timeout"]
+    runtime.app.send_task(msg["task"], args=msg["args"], kwargs=kwargs, task_id=msg["id"], headers=headers,
+                          argsrepr=repr(tuple(msg["args"])), kwargsrepr=repr(shown), producer=producer, **options)
 
 
 def republish(runtime: Runtime, ids: list[str]) -> int:

@@ -119,6 +119,7 @@ class Runtime:
         self.app = baton.app
         configure_app(self.app, allow_pickle)
         self.cache = Cache(baton.cache_size)
+        self.fans: dict[str, int] = {}  # run id -> step of the fan-out it waits on, as last seen here
         self.claimer = activities.Claimer(self)
         runtime = self
 
@@ -174,6 +175,7 @@ class Runtime:
                 store.reader.dispose(close=False)
         Store.forget_all()
         self.cache.clear()
+        self.fans.clear()
 
     def definition(self, name: str) -> Any:
         return self.baton.definition(name)

@@ -88,7 +88,7 @@ def test_cli_on_an_older_schema_says_how_to_migrate(tmp_path: Path) -> None:
            "BATON_TEST_COUNTER_URL": counter_url(), "PYTHONPATH": str(ROOT), "COLUMNS": "200", "NO_COLOR": "1"}
     res = subprocess.run([sys.executable, "-m", "sdk.cli", "-A", "tests.chaos.chaos_app", "ls"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=60)
-    one_line_error(res.returncode, res.stdout, res.stderr, "schema version 0", "migrate")
+    one_line_error(res.returncode, res.stdout, res.stderr, f"schema version {SCHEMA_VERSION - 1}", "migrate")
 
 
 def test_worker_on_an_older_schema_refuses_to_start(tmp_path: Path) -> None:
@@ -111,3 +111,35 @@ def test_worker_on_an_older_schema_refuses_to_start(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             proc.wait(10)
+
+
+def test_a_version_1_database_is_migrated_to_this_schema_and_keeps_its_runs(db_url: str) -> None:
+    """Version 2 added the deferred fan-in's columns; ``migrate`` adds them to a version-1 database."""
+    from persistence.migrations import migrate
+
+    ns = build("memory://", db_url, queue="mig", counter_url=counter_url())
+    run = ns.seq.start(1)
+    dispose(db_url)
+    engine = sa.create_engine(db_url)
+    try:  # make it a version-1 database: without the three columns
+        with engine.begin() as conn:
+            for table, column in (("baton_runs", "fan_step"), ("baton_runs", "fan_open"), ("baton_tasks", "result")):
+                conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+            conn.execute(sa.text("UPDATE baton_meta SET value = '1' WHERE key = 'schema_version'"))
+    finally:
+        engine.dispose()
+    with pytest.raises(StoreError, match="migrate"):
+        Store(db_url).ensure_schema()
+    assert migrate(db_url) == [SCHEMA_VERSION] == [2]
+    assert stored_version(db_url) == "2"
+    engine = sa.create_engine(db_url)
+    try:
+        columns = {t: {c["name"] for c in sa.inspect(engine).get_columns(t)} for t in ("baton_runs", "baton_tasks")}
+    finally:
+        engine.dispose()
+    assert {"fan_step", "fan_open"} <= columns["baton_runs"] and "result" in columns["baton_tasks"]
+    store = Store(db_url)
+    store.ensure_schema()
+    assert store.get_run(run.run_id).status == "running", "the run written before the migration is gone"
+    store.engine.dispose()
+    assert migrate(db_url) == [], "migrating an up-to-date database did something"

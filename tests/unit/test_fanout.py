@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 
-from sdk import ActivityError, SignalTimeout, WorkflowFailed, gather, sleep, wait_signal
+from sdk import ActivityError, SignalTimeout, WorkflowFailed, first, gather, sleep, wait_signal
 from sdk.events import ActivityTask, ChildTask, RunStatus, TimerTask
 
 from .builder import RUN, T0, Sim, line_of, sig, started, step_event, workflow
@@ -196,3 +196,28 @@ def test_a_nested_or_foreign_item_is_a_type_error_at_the_yield(bad):
     d = started().replay(nested)
     assert d.status is RunStatus.COMPLETED and "cannot yield" in d.result
     assert d.events == [] and d.step == 0
+
+
+def test_a_fan_out_of_activities_reports_its_open_slots_for_the_deferred_fan_in():
+    sim = Sim(squares, 3)
+    assert sim.decide().fan == (1, 3)
+    sim.complete(1, 4, slot=2)
+    assert sim.decide().fan == (1, 2)
+    sim.complete(1, 0, slot=0).complete(1, 1, slot=1)
+    assert sim.decide().fan is None  # resolved: the run has ended
+
+
+@pytest.mark.parametrize("shape", ["one", "list of one", "with a timer", "with a signal", "race"])
+def test_steps_a_single_result_can_resolve_are_not_fan_outs(shape):
+    yields = {"one": lambda: sig("t.one"), "list of one": lambda: [sig("t.only")],
+              "with a timer": lambda: gather(sig("t.a"), sig("t.b"), sleep(timedelta(seconds=5))),
+              "with a signal": lambda: gather(sig("t.a"), sig("t.b"), wait_signal("go")),
+              "race": lambda: first(sig("t.a"), sig("t.b"))}
+
+    @workflow
+    def flow():
+        yield yields[shape]()
+
+    d = Sim(flow).decide()
+    assert d.status is RunStatus.RUNNING and d.step == 1
+    assert d.fan is None
