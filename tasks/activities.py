@@ -220,6 +220,7 @@ def _fanned(runtime: Runtime, task_id: str, run_id: str, value: Any, me: str, st
         return False
     if outcome == "last":
         runtime.fans.pop(run_id, None)
+        fault("after_fan_in")
         try:  # committed with the run flagged: if this fails, the sweeper decides it
             adv.advance(runtime, run_id, publisher=me)
         except Exception as exc:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 
-POINTS = ("after_commit", "after_publish", "mid_fanout_publish", "before_record")
+POINTS = ("after_commit", "after_publish", "mid_fanout_publish", "before_record", "after_fan_in")
+# after_fan_in: a fan-out's last result committed with its run flagged, the decision not yet
+# taken (PostgreSQL's one-statement record; on SQLite the two are one transaction).
+POSTGRES_ONLY = ("after_fan_in",)
 
 
 def fault(point: str) -> None:
