@@ -94,6 +94,15 @@ class HotSQL:
                 f"advance_requested_at = CASE WHEN fan_open <= 1 THEN {p('now')} ELSE advance_requested_at END "
                 f"WHERE run_id = {p('run_id')} AND EXISTS (SELECT 1 FROM s) RETURNING fan_open) "
                 f"SELECT (SELECT count(*) FROM r), (SELECT count(*) FROM s), (SELECT fan_open FROM f)")
+            # A decision taken before the lock, by a cached generator that assumed the run is
+            # as it left it (``last_seq``, running, no fan-out) and the attempt still open. Locks
+            # the run if so and settles the attempt; otherwise divides by zero, which aborts the
+            # rest of the pipeline (the decision's writes and the COMMIT): nothing is written.
+            self.guard = (
+                f"WITH r AS (SELECT run_id FROM baton_runs WHERE run_id = {p('run_id')} AND last_seq = {p('seq')} "
+                f"AND status = 'running' AND fan_step IS NULL FOR UPDATE), "
+                f"s AS ({settle}result = NULL {guard} AND EXISTS (SELECT 1 FROM r) RETURNING 1) "
+                f"SELECT 1 / (SELECT count(*) FROM s)")
         else:  # no data-modifying CTEs: the caller decides from the run row it has just read
             self.settle = f"{settle}result = {p('result')} {guard}"
             self.count_down = f"UPDATE baton_runs SET fan_open = fan_open - 1 WHERE run_id = {p('run_id')} " \
@@ -278,10 +287,30 @@ def harvest(conn: Connection, run_id: str, step: int) -> list[tuple[int, int, st
 
 
 def write(conn: Connection, events: list[dict[str, Any]], tasks: list[dict[str, Any]],
-          checkpoints: list[dict[str, Any]], run: dict[str, Any]) -> None:
-    """Write a plain decision and COMMIT (one pipelined round trip on PostgreSQL)."""
+          checkpoints: list[dict[str, Any]], run: dict[str, Any], guard: dict[str, Any] | None = None) -> bool:
+    """Write a plain decision and COMMIT (one pipelined round trip on PostgreSQL).
+
+    With ``guard`` (PostgreSQL: the parameters of ``HotSQL.guard``), the run is locked and the
+    attempt settled first, in the same round trip, and nothing is written unless both hold:
+    returns False then (the transaction is rolled back), True once committed.
+    """
     raw, postgres = _driver(conn)
     sql = _SQL[postgres]
+    if guard is not None:
+        from psycopg.errors import DivisionByZero  # the guard's "no" (PostgreSQL only here)
+
+        with _errors(conn, sql.guard):
+            try:
+                with raw.pipeline():
+                    cur = raw.cursor()
+                    cur.execute(sql.guard, guard)
+                    _write_statements(cur, sql, events, tasks, checkpoints, run)
+                    raw.commit()
+            except DivisionByZero:
+                raw.rollback()
+                return False
+        cur.close()
+        return True
     if not postgres:
         for rows in (events, tasks, checkpoints):
             for r in rows:
@@ -291,13 +320,20 @@ def write(conn: Connection, events: list[dict[str, Any]], tasks: list[dict[str, 
         run = {**run, "updated_at": _ts(run["updated_at"], False)}
     with _errors(conn, sql.run_plain), raw.pipeline() if postgres else nullcontext():
         cur = raw.cursor()
-        if events:
-            cur.executemany(sql.events, events)
-        if tasks:
-            cur.executemany(sql.tasks, tasks)
-        if checkpoints:
-            cur.executemany(sql.checkpoints, checkpoints)
-        cur.execute(sql.run_with_position if "position" in run else sql.run_plain, run)
+        _write_statements(cur, sql, events, tasks, checkpoints, run)
         if postgres:
             raw.commit()  # in the same round trip; the caller's COMMIT then finds nothing to do
     cur.close()
+    return True
+
+
+def _write_statements(cur: Any, sql: HotSQL, events: list[dict[str, Any]], tasks: list[dict[str, Any]],
+                      checkpoints: list[dict[str, Any]], run: dict[str, Any]) -> None:
+    if events:
+        cur.executemany(sql.events, events)
+    if tasks:
+        cur.executemany(sql.tasks, tasks)
+    if checkpoints:
+        cur.executemany(sql.checkpoints, checkpoints)
+    cur.execute(sql.run_with_position if "position" in run else sql.run_plain, run)
+

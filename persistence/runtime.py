@@ -114,8 +114,10 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
             status=RunStatus.BLOCKED.value, error=serde.dumps(d.error, "error", None), needs_advance=False,
             updated_at=now, last_seq=run.last_seq))
         return out
-    if _plain(d):
-        return _commit_plain(conn, run, d, now, publisher, pending, out)
+    if plain(d):
+        done = _commit_plain(conn, run, d, now, publisher, pending, out)
+        assert done is not None  # unguarded
+        return done
     terminal = d.status.terminal
     new_events = list(d.events)
     if terminal:
@@ -232,15 +234,29 @@ def _fan(d: Decision) -> dict[str, int | None]:
     return {"fan_step": d.fan[0], "fan_open": d.fan[1]} if d.fan else {"fan_step": None, "fan_open": None}
 
 
-def _plain(d: Decision) -> bool:
+def plain(d: Decision) -> bool:
     """A decision of the hot path: the run goes on, with new steps and activities at most."""
     return (d.status is RunStatus.RUNNING and not d.timers and not d.children and not d.cancels
             and all(e.kind != "signal_received" for e in d.events))
 
 
+def commit_guessed(conn: Connection, run_id: str, seq: int, tid: str, ok: bool, ev: Event, d: Decision,
+                   now: datetime, publisher: str | None, started_at: datetime | None, known_locals: Any,
+                   ) -> Outbox | None:
+    """Record an attempt's outcome ``ev`` and commit the plain decision ``d`` a cached generator
+    took *before* locking the run, assuming the run still at ``seq`` (as that generator left it)
+    and the attempt open: PostgreSQL, one round trip. None if the guess was wrong: nothing
+    written (the caller records it the usual way)."""
+    run = SimpleNamespace(run_id=run_id, last_seq=ev.seq, known_locals=known_locals)
+    guard = {"run_id": run_id, "seq": seq, "tid": tid, "state": "done" if ok else "failed", "now": now,
+             "worker": publisher, "started": started_at}
+    return _commit_plain(conn, run, d, now, publisher, [ev], Outbox(), guard)
+
+
 def _commit_plain(conn: Connection, run: Any, d: Decision, now: datetime, publisher: str | None,
-                  pending: list[Event], out: Outbox) -> Outbox:
-    """``commit_decision`` for a plain decision, in driver SQL (:mod:`persistence.hot`); it commits."""
+                  pending: list[Event], out: Outbox, guard: dict[str, Any] | None = None) -> Outbox | None:
+    """``commit_decision`` for a plain decision, in driver SQL (:mod:`persistence.hot`); it commits.
+    With ``guard``, see :func:`commit_guessed`."""
     rid = run.run_id
     last = run.last_seq
     events, last = _event_rows(rid, pending, d.events, last, now)
@@ -260,7 +276,8 @@ def _commit_plain(conn: Connection, run: Any, d: Decision, now: datetime, publis
         out.locals = base
         values["position"] = serde.dumps(d.checkpoints[-1].position, "position", None)
         values["locals"] = serde.dumps(base, "locals", None)
-    hot.write(conn, events, tasks, checkpoints, values)
+    if not hot.write(conn, events, tasks, checkpoints, values, guard):
+        return None
     out.last_seq = last
     out.fan_step = values["fan_step"]
     return out

@@ -569,6 +569,16 @@ class Instance:
                 run_id=self.run_id, step=self.step + 1, recorded=nxt, new=how, file=pos["file"], line=pos["line"],
             )
 
+    def awaits_only(self, step: int, slot: int, attempt: int) -> bool:
+        """True if the run waits on this one activity attempt and nothing else: its outcome
+        alone decides what comes next, so a cached instance may decide before the store is
+        read (the host then checks, under the lock, that nothing else happened meanwhile)."""
+        cur = self.current
+        return (cur is not None and self.gen is not None and not cur.done and not self.finished
+                and not self.poisoned and self.cancel_reason is None and cur.number == step and slot == 0
+                and len(cur.outcomes) == 1 and cur.attempts[0] == attempt
+                and isinstance(cur.spec.leaves[0], Activity))
+
     @staticmethod
     def _fan(cur: _Step) -> tuple[int, int] | None:
         """A step of two or more activities, all needed: only its last open slot can resolve it."""

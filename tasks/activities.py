@@ -182,8 +182,16 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
     me = worker_id(str(task.request.hostname or "unknown"))
     run_id = rt.run_of_task(task_id)
     fault("before_record")
-    if ok and not store.sqlite and _fanned(runtime, task_id, run_id, value, me, started_at):
-        return
+    if not store.sqlite:
+        if ok and _fanned(runtime, task_id, run_id, value, me, started_at):
+            return
+        try:
+            if adv.guess(runtime, task_id, task.name, ok, value, me, started_at):
+                fault("after_publish")
+                return
+        except Exception as exc:  # the usual path retries, and its guard sees whether this one committed
+            runtime.cache.take(run_id)
+            log.warning("baton: recording %s in one round trip failed, taking the usual path: %s", task_id, exc)
 
     after = runtime.cache.seq_of(run_id)  # what the cached generator lacks, read with the record
 

@@ -131,3 +131,64 @@ def _decide(runtime: Runtime, conn: Connection, run: Any,
         log.error("baton: run %s blocked: %s", run.run_id, (decision.error or {}).get("message"))
     out = rt.commit_decision(store, conn, run, decision, now, publisher)
     return out, inst, decision.status
+
+
+class _InboxNeeded(Exception):
+    """A guessed decision reached a signal wait: the inbox must be read under the run's lock."""
+
+
+def guess(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, publisher: str,
+          started_at: Any) -> bool:
+    """Record an attempt's outcome and advance its run in one round trip (PostgreSQL), when this
+    process's cached generator waits on exactly that attempt: it decides *before* the lock, and
+    the commit checks, in the statement that locks the run, that the run is still where the
+    generator left it (same ``last_seq``, running) and the attempt still open. True if so.
+
+    False leaves everything to the usual path: nothing was written, and the generator (which
+    may have moved on) is dropped from the cache, so the usual path replays. Also False, with
+    the same effect, when the decision is not plain (an ending, a timer, a child, a signal
+    wait): those take the usual path's statements.
+    """
+    run_id, step_s, slot_s, attempt_s = task_id.rsplit(":", 3)
+    step, slot, attempt = int(step_s), int(slot_s), int(attempt_s)
+    inst = runtime.cache.items.get(run_id)
+    known = inst.host.get("locals", rt.UNKNOWN) if inst is not None else rt.UNKNOWN
+    if inst is None or known is rt.UNKNOWN or not inst.awaits_only(step, slot, attempt):
+        return False
+    try:
+        if runtime.definition(inst.definition.name) is not inst.definition:
+            return False
+    except WorkflowNotFound:
+        return False
+    runtime.cache.take(run_id)
+    seq, now = inst.seq, utcnow()
+    payload: dict[str, Any] = {"attempt": attempt, "result" if ok else "error": value}
+    ev = Event(seq + 1, "activity_completed" if ok else "activity_failed", step, slot, payload, now,
+               f"att:{step}:{slot}:{attempt}", task_name)
+
+    def no_inbox() -> list[InboxSignal]:
+        raise _InboxNeeded
+
+    try:
+        decision = inst.activate([ev], now=now, decided_seq=seq, inbox=no_inbox)
+    except (_InboxNeeded, BatonError):
+        return False
+    if decision.status is not RunStatus.RUNNING or not rt.plain(decision):
+        return False
+    with runtime.store.tx() as conn:
+        out = rt.commit_guessed(conn, run_id, seq, task_id, ok, ev, decision, now, publisher, started_at, known)
+    if out is None:
+        return False
+    inst.seq = out.last_seq
+    if out.locals is not rt.UNKNOWN:
+        inst.host["locals"] = out.locals
+    runtime.cache.put(run_id, inst)
+    if out.fan_step is not None:
+        runtime.fans[run_id] = out.fan_step
+    fault("after_commit")
+    try:
+        dispatch.send(runtime, out)
+    except Exception as exc:  # the broker is down: the commit stands, the sweeper re-sends
+        log.warning("baton: publishing for %s failed, the sweeper will re-send: %s", run_id, exc)
+        dispatch.defer(runtime, [m["id"] for m in out.publish])
+    return True
