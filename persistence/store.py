@@ -74,6 +74,8 @@ class Store:
         self.reader: Engine = dialect.make_engine(url, writer=False) if dialect.is_sqlite(url) else self.engine
         self.sqlite = dialect.is_sqlite(url)
         self._schema_ok = False
+        self._single: Connection | None = None  # kept checked out: see single()
+        self._single_lock = threading.Lock()
 
     @classmethod
     def for_url(cls, url: str) -> Store:
@@ -135,9 +137,25 @@ class Store:
     @contextmanager
     def single(self) -> Iterator[Connection]:
         """A connection in autocommit mode, for a write that is one statement (its own
-        transaction: one round trip, no BEGIN or COMMIT)."""
-        with self.engine.connect() as conn:
-            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        transaction: one round trip, no BEGIN or COMMIT). One such connection is kept checked
+        out per store (a pool checkout and return cost more than the statement); it is
+        dropped on any error, and a second concurrent user gets a pooled one."""
+        if not self._single_lock.acquire(blocking=False):
+            with self.engine.connect() as pooled:
+                yield pooled.execution_options(isolation_level="AUTOCOMMIT")
+            return
+        try:
+            conn = self._single
+            if conn is None or conn.closed or conn.invalidated:
+                conn = self._single = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                yield conn
+            except BaseException:
+                self._single = None
+                conn.close()
+                raise
+        finally:
+            self._single_lock.release()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
