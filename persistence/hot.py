@@ -51,12 +51,11 @@ class HotSQL:
         settled = ", ".join(f"'{s}'" for s in SETTLED)
         cols = f"{', '.join('r.' + c for c in HOT_RUN_COLUMNS)}, {', '.join('t.' + c for c in TASK_COLUMNS)}"
 
-        def record(extra: str) -> str:
-            return (f"SELECT {cols}{extra} FROM baton_tasks t JOIN baton_runs r ON r.run_id = t.run_id "
-                    f"WHERE t.id = {p('tid')}" + (" FOR UPDATE OF r" if postgres else ""))
-
-        self.record = record("")
-        self.record_cold = record(", r.locals")  # no cached generator: the checkpoint delta needs them
+        # The run's locals come along only when the caller's cached generator is behind (or absent):
+        # its checkpoint delta needs them then, and only then.
+        behind = f"CASE WHEN last_seq > {p('after')} THEN locals END"
+        self.record = (f"SELECT {cols}, {behind.replace('last_seq', 'r.last_seq').replace('locals', 'r.locals')} "
+                       f"FROM baton_tasks t JOIN baton_runs r ON r.run_id = t.run_id WHERE t.id = {p('tid')}")
         settle = (f"UPDATE baton_tasks SET state = {p('state')}, finished_at = {p('now')}, "
                   f"worker = COALESCE({p('worker')}, worker), started_at = COALESCE(started_at, {p('started')}), ")
         guard = f"WHERE id = {p('tid')} AND state NOT IN ({settled})"
@@ -75,12 +74,11 @@ class HotSQL:
                     f"f AS (UPDATE baton_runs SET fan_open = fan_open - 1 WHERE run_id = {p('run_id')} "
                     f"AND EXISTS (SELECT 1 FROM s WHERE s.fanned) RETURNING fan_open) "
                     f"SELECT {', '.join('r.' + c for c in HOT_RUN_COLUMNS)}, "
-                    f"{', '.join('t.' + c for c in TASK_COLUMNS)}{extra.replace(', ', ', r.')}, "
+                    f"{', '.join('t.' + c for c in TASK_COLUMNS)}, r.locals, "
                     f"(SELECT count(*) FROM s), (SELECT fan_open FROM f) "
                     f"FROM r JOIN baton_tasks t ON t.id = {p('tid')}")
 
-            self.record = locked_record("")
-            self.record_cold = locked_record(", locals")
+            self.record = locked_record(f", {behind} AS locals")
             # A result expected to belong to the run's current fan-out (the process saw the
             # previous one do so): lock the run only if so, settle, keep, count down, flag the run
             # for a decision at zero, all in one statement, committed in the same round trip.
@@ -182,8 +180,8 @@ def record(conn: Connection, tid: str, run_id: str, ok: bool, now: datetime, wor
            ) -> tuple[dict[str, Any], int, int | None, list[Event] | None] | None:
     """Lock the attempt's run, and settle the attempt if it is still open.
 
-    Returns (the run's hot columns and the attempt's, and its ``locals`` when
-    ``history_after`` is 0 (no cached generator); rows settled: 1, or 0 for a late or
+    Returns (the run's hot columns and the attempt's, and its ``locals``, None unless the run
+    is past ``history_after`` (the caller's cached generator is behind, or absent); rows settled: 1, or 0 for a late or
     duplicate result; the open slots left when the attempt belongs to the run's current
     fan-out (its ``result``, the event payload as JSON, is then kept in the attempt's row and
     the run's ``fan_open`` counted down), else None; the run's events after ``history_after``,
@@ -196,10 +194,10 @@ def record(conn: Connection, tid: str, run_id: str, ok: bool, now: datetime, wor
     params = {"tid": tid, "state": "done" if ok else "failed", "now": _ts(now, postgres), "worker": worker,
               "started": _ts(started_at, postgres), "run_id": run_id, "result": result if ok else None}
     hist = None
-    cold = history_after == 0
+    params["after"] = history_after or 0
     with _errors(conn, sql.record), raw.pipeline() if postgres else nullcontext():
         cur = raw.cursor()
-        cur.execute(sql.record_cold if cold else sql.record, params if postgres else {"tid": tid})
+        cur.execute(sql.record, params if postgres else {"tid": tid, "after": params["after"]})
         if postgres and history_after is not None:
             hist = raw.cursor()
             hist.execute(sql.history, {"run_id": run_id, "after": history_after})
@@ -207,7 +205,7 @@ def record(conn: Connection, tid: str, run_id: str, ok: bool, now: datetime, wor
         row = cur.fetchone()
         if row is None:
             return None
-        names = HOT_RUN_COLUMNS + tuple("task_" + c for c in TASK_COLUMNS) + (("locals",) if cold else ())
+        names = HOT_RUN_COLUMNS + tuple("task_" + c for c in TASK_COLUMNS) + ("locals",)
         if postgres:
             names += ("_settled", "_open_left")
         out = dict(zip(names, row, strict=True))

@@ -161,19 +161,19 @@ def commit_decision(store: Store, conn: Connection, run: Any, d: Decision, now: 
         change = cp.delta(base, ck.locals)
         ck_rows.append({"run_id": rid, "step": ck.step, "file": ck.position["file"][-1024:],
                         "line": ck.position["line"], "function": ck.position["function"][:255],
-                        "locals_delta": serde.dumps(change, "locals", None),
-                        "waiting": serde.dumps(ck.waiting_on, "waiting", None), "at": now})
+                        "locals_delta": serde.dumps_known(change, "locals"),
+                        "waiting": serde.dumps_known(ck.waiting_on, "waiting"), "at": now})
         base = ck.locals
     if ck_rows:
         conn.execute(insert(checkpoints_t), ck_rows)
         out.locals = base
     values: dict[str, Any] = {"decided_seq": last, "last_seq": last, "needs_advance": False, "updated_at": now,
                               "step": d.step, "status": d.status.value,
-                              "waiting": serde.dumps(d.waiting_on, "waiting", None), **_fan(d)}
+                              "waiting": serde.dumps_known(d.waiting_on, "waiting"), **_fan(d)}
     if d.checkpoints:
         last_ck = d.checkpoints[-1]
-        values["position"] = serde.dumps(last_ck.position, "position", None)
-        values["locals"] = serde.dumps(last_ck.locals, "locals", None)
+        values["position"] = serde.dumps_known(last_ck.position, "position")
+        values["locals"] = serde.dumps_known(last_ck.locals, "locals")
     if terminal:
         values["finished_at"] = now
         values["waiting"] = "[]"
@@ -264,18 +264,18 @@ def _commit_plain(conn: Connection, run: Any, d: Decision, now: datetime, publis
     checkpoints = []
     values: dict[str, Any] = {"run_id": rid, "decided_seq": last, "last_seq": last, "needs_advance": False,
                               "updated_at": now, "step": d.step, "status": d.status.value,
-                              "waiting": serde.dumps(d.waiting_on, "waiting", None), **_fan(d)}
+                              "waiting": serde.dumps_known(d.waiting_on, "waiting"), **_fan(d)}
     if d.checkpoints:
         base = _base_locals(conn, run)
         for ck in d.checkpoints:
             checkpoints.append({"run_id": rid, "step": ck.step, "file": ck.position["file"][-1024:],
                                 "line": ck.position["line"], "function": ck.position["function"][:255],
-                                "locals_delta": serde.dumps(cp.delta(base, ck.locals), "locals", None),
-                                "waiting": serde.dumps(ck.waiting_on, "waiting", None), "at": now})
+                                "locals_delta": serde.dumps_known(cp.delta(base, ck.locals), "locals"),
+                                "waiting": serde.dumps_known(ck.waiting_on, "waiting"), "at": now})
             base = ck.locals
         out.locals = base
-        values["position"] = serde.dumps(d.checkpoints[-1].position, "position", None)
-        values["locals"] = serde.dumps(base, "locals", None)
+        values["position"] = serde.dumps_known(d.checkpoints[-1].position, "position")
+        values["locals"] = serde.dumps_known(base, "locals")
     if not hot.write(conn, events, tasks, checkpoints, values, guard):
         return None
     out.last_seq = last
@@ -359,7 +359,7 @@ def record_attempt(conn: Connection, store: Store, tid: str, ok: bool, value: An
     """
     rid, attempt_s = run_of_task(tid), tid.rsplit(":", 1)[1]
     payload: dict[str, Any] = {"attempt": int(attempt_s), "result" if ok else "error": value}
-    kept = serde.dumps(payload, "event", None) if ok else None
+    kept = serde.dumps_known(payload, "event") if ok else None
     got = hot.record(conn, tid, rid, ok, now, worker, started_at, kept, history_after)
     if got is None:
         log.warning("baton: result for unknown task %s ignored", tid)
@@ -376,8 +376,8 @@ def record_attempt(conn: Connection, store: Store, tid: str, ok: bool, value: An
     if fans is not None:
         fans.pop(rid, None)
     run = SimpleNamespace(**{c: row[c] for c in hot.HOT_RUN_COLUMNS})
-    if "locals" in row:
-        run.locals = row["locals"]
+    if row["last_seq"] > (history_after or 0):
+        run.locals = row["locals"]  # the cached generator (if any) is behind: its locals are stale
     run.needs_advance = True
     run.pending = []
     if history is not None and history_after is not None:
@@ -401,7 +401,7 @@ def record_fanned(conn: Connection, tid: str, step: int, value: Any, now: dateti
     written; record it with :func:`record_attempt`)."""
     payload = {"attempt": int(tid.rsplit(":", 1)[1]), "result": value}
     matched, settled, open_left = hot.record_fanned(conn, tid, run_of_task(tid), step, now, worker, started_at,
-                                                    serde.dumps(payload, "event", None))
+                                                    serde.dumps_known(payload, "event"))
     if not matched:
         return "other"
     if not settled:
@@ -430,8 +430,9 @@ def harvest(conn: Connection, run: Any) -> None:
 
 
 def event_row(run_id: str, e: Event) -> dict[str, Any]:
+    """An input's row: its payload was checked where it entered (a result, a signal) or built here."""
     return {"run_id": run_id, "seq": e.seq, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
-            "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": e.at}
+            "key": e.key, "payload": serde.dumps_known(e.payload, "event"), "at": e.at}
 
 
 def keep_inputs(conn: Connection, run: Any, now: datetime) -> None:

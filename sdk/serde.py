@@ -62,6 +62,17 @@ def dumps(value: Any, what: str, max_bytes: int | None = DEFAULT_MAX_PAYLOAD) ->
     return text
 
 
+def dumps_known(value: Any, what: str) -> str:
+    """Encode a value already checked where it entered (a recorded result, a signal's
+    payload) or built by Baton itself (waiting lists, positions, locals snapshots, which are
+    JSON round-trips): no walk of the value first. Anything JSON refuses still gets
+    :func:`dumps`' error naming ``what``."""
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        return dumps(value, what, None)
+
+
 def loads(text: str | None) -> Any:
     """Decode JSON text written by :func:`dumps` (``None`` stays ``None``)."""
     return None if text is None else json.loads(text)
