@@ -509,6 +509,12 @@ class Meter:
              unit: str) -> list[Row]:
         b, c = med(self.wall["baton"]), med(self.wall["bare"])
         out = [Row(scenario, metric, b, c, target, ok(b / c), samples=dict(self.wall))]
+        # Repetitions alternate (Baton, bare, Baton, ...): each pair shares the machine's load of
+        # the moment, so the median of the pairs' ratios is steadier than the ratio of the medians.
+        pairs = [x / y for x, y in zip(self.wall["baton"], self.wall["bare"], strict=False) if y]
+        if len(pairs) > 1:
+            out.append(Row(scenario, "  median of the per-repetition ratios (Baton and bare alternate)", None, None,
+                           ratio=med(pairs), note=" / ".join(f"{x:.2f}" for x in pairs)))
         wb = med(self.cpu["baton"]) / units * 1000
         pg = med(self.cpu["pg"]) / units * 1000 if self.env.store == "pg" else None
         wc = med(self.cpu["bare"]) / units * 1000
