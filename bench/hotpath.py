@@ -31,20 +31,11 @@ import uuid  # noqa: E402
 from sqlalchemy import create_engine, text  # noqa: E402
 
 from bench.app import build_baton  # noqa: E402
+from bench.procs import cpu_seconds  # noqa: E402
+from persistence import recording as rec  # noqa: E402
 from persistence import runtime as rt  # noqa: E402
 from persistence.models import utcnow  # noqa: E402
 from tasks import advance as adv  # noqa: E402
-
-
-def _cpu(pid: int | None) -> float:
-    """CPU seconds of a local process (a PostgreSQL backend), 0 if unknown."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def main() -> None:
@@ -93,7 +84,7 @@ def main() -> None:
             after = runtime.cache.seq_of(run_id)
 
             def record(conn):  # type: ignore[no-untyped-def]
-                return rt.record_attempt(conn, store, tid, True, i, utcnow(), me, None, after, runtime.fans)
+                return rec.record_attempt(conn, store, tid, True, i, utcnow(), me, None, after, runtime.fans)
 
             adv.advance(runtime, run_id, before=record, publisher=me)
 
@@ -108,7 +99,7 @@ def main() -> None:
                 if os.environ.get("HOT_PREP"):
                     v = os.environ["HOT_PREP"]
                     c.connection.driver_connection.prepare_threshold = None if v == "none" else int(v)
-        b0 = _cpu(backend)
+        b0 = cpu_seconds([backend]) if backend else 0.0
         w0, c0 = time.perf_counter(), time.process_time()
         if prof:
             prof.enable()
@@ -117,7 +108,7 @@ def main() -> None:
         if prof:
             prof.disable()
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        pg_cpu = _cpu(backend) - b0
+        pg_cpu = (cpu_seconds([backend]) if backend else 0.0) - b0
         n = args.steps - warm
         assert handle.status() == "completed", handle.info()
         print(f"{args.store}: {n} steps, wall {1000 * wall / n:.3f} ms/step, CPU {1000 * cpu / n:.3f} ms/step "

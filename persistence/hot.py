@@ -53,8 +53,10 @@ class HotSQL:
 
         # The run's locals come along only when the caller's cached generator is behind (or absent):
         # its checkpoint delta needs them then, and only then.
-        behind = f"CASE WHEN last_seq > {p('after')} THEN locals END"
-        self.record = (f"SELECT {cols}, {behind.replace('last_seq', 'r.last_seq').replace('locals', 'r.locals')} "
+        def behind(r: str) -> str:
+            return f"CASE WHEN {r}last_seq > {p('after')} THEN {r}locals END"
+
+        self.record = (f"SELECT {cols}, {behind('r.')} "
                        f"FROM baton_tasks t JOIN baton_runs r ON r.run_id = t.run_id WHERE t.id = {p('tid')}")
         settle = (f"UPDATE baton_tasks SET state = {p('state')}, finished_at = {p('now')}, "
                   f"worker = COALESCE({p('worker')}, worker), started_at = COALESCE(started_at, {p('started')}), ")
@@ -78,7 +80,7 @@ class HotSQL:
                     f"(SELECT count(*) FROM s), (SELECT fan_open FROM f) "
                     f"FROM r JOIN baton_tasks t ON t.id = {p('tid')}")
 
-            self.record = locked_record(f", {behind} AS locals")
+            self.record = locked_record(f", {behind('')} AS locals")
             # A result expected to belong to the run's current fan-out (the process saw the
             # previous one do so): lock the run only if so, settle, keep, count down, flag the run
             # for a decision at zero, all in one statement, committed in the same round trip.

@@ -17,7 +17,7 @@ import random as _random
 import traceback as _tb
 import uuid as _uuid
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -55,6 +55,7 @@ from .events import (
     TimerTask,
 )
 from .serde import dumps
+from .steps import Step
 
 
 class Definition(Protocol):
@@ -72,25 +73,6 @@ class InboxSignal:
     id: int
     name: str
     payload: Any
-
-
-@dataclass(slots=True)
-class _Step:
-    number: int
-    spec: StepSpec
-    outcomes: list[tuple[bool, Any] | None]
-    attempts: list[int]
-    settled: list[int] = field(default_factory=list)
-    done: bool = False
-    leaf_desc: list[dict[str, Any]] = field(default_factory=list)  # computed once: digests are not free
-    has_signal: bool = False
-    first_open: int = 0  # no slot before it is open (slots never reopen): waiting lists start here
-    fanout: bool | None = None  # two or more activities, all needed (computed once)
-
-
-# A checkpoint's waiting list names at most this many open slots, then counts the rest: a
-# 1,000-way fan-out must not rewrite 1,000 descriptions on every completion.
-MAX_WAITING_LISTED = 20
 
 
 def failure(exc: BaseException) -> dict[str, Any]:
@@ -116,7 +98,7 @@ class Instance:
         self.gen: Generator[Any, Any, Any] | None = None
         self.seq = 0  # last event applied (inputs and indexed outputs alike)
         self.step = 0  # yields consumed so far
-        self.current: _Step | None = None
+        self.current: Step | None = None
         self.finished = False
         self.poisoned = False  # a blocked instance must never be reused
         self.cancel_reason: str | None = None
@@ -182,8 +164,8 @@ class Instance:
                              "file": exc.file, "line": exc.line}
         self._d.step = self.step
         if self._d.status is RunStatus.RUNNING and self.current is not None:
-            self._d.waiting_on = self._waiting(self.current)
-            self._d.fan = self._fan(self.current)
+            self._d.waiting_on = self.current.waiting()
+            self._d.fan = self.current.fan()
         return self._d
 
     # ------------------------------------------------------------ indexing outputs
@@ -256,7 +238,7 @@ class Instance:
         self.gen = gen
         self._drive("send", None)
 
-    def _activity_failed(self, cur: _Step, slot: int, leaf: Leaf, ev: Event) -> None:
+    def _activity_failed(self, cur: Step, slot: int, leaf: Leaf, ev: Event) -> None:
         attempt = int(ev.payload.get("attempt", 1))
         if attempt != cur.attempts[slot]:
             return
@@ -280,7 +262,7 @@ class Instance:
         error.setdefault("task", leaf.task if isinstance(leaf, Activity) else "")
         self._settle(cur, slot, (False, error))
 
-    def _settle(self, cur: _Step, slot: int, outcome: tuple[bool, Any]) -> None:
+    def _settle(self, cur: Step, slot: int, outcome: tuple[bool, Any]) -> None:
         cur.outcomes[slot] = outcome
         cur.settled.append(slot)
         mode = cur.spec.mode
@@ -324,7 +306,7 @@ class Instance:
             self._cancel_leaves(cur, except_slot=None)
         self._drive("throw", Cancelled(reason))
 
-    def _cancel_leaves(self, cur: _Step, except_slot: int | None) -> None:
+    def _cancel_leaves(self, cur: Step, except_slot: int | None) -> None:
         if not self._live:
             return
         for slot, leaf in enumerate(cur.spec.leaves):
@@ -475,8 +457,7 @@ class Instance:
         self.step = k
         desc = spec.describe()
         width = len(spec.leaves)
-        cur = _Step(k, spec, [None] * width, [1] * width, leaf_desc=desc["leaves"],
-                    has_signal=any(isinstance(leaf, SignalWait) for leaf in spec.leaves))
+        cur = Step.new(k, spec, desc["leaves"])
         self.current = cur
         if self._check(k, desc) is not None:
             return  # replay: already scheduled; its inputs follow in the history
@@ -500,7 +481,7 @@ class Instance:
                 extra["fire_at"] = fire_at.isoformat()
                 self._d.timers.append(TimerTask(k, slot, "signal_timeout", fire_at))
             leaves_extra.append(extra)
-        self._record_step(k, desc, extra={"leaves": leaves_extra}, waiting=self._waiting(cur))
+        self._record_step(k, desc, extra={"leaves": leaves_extra}, waiting=cur.waiting())
 
     def _record_step(self, k: int, desc: dict[str, Any], extra: dict[str, Any],
                      waiting: list[dict[str, Any]] | None = None) -> None:
@@ -578,32 +559,6 @@ class Instance:
                 and not self.poisoned and self.cancel_reason is None and cur.number == step and slot == 0
                 and len(cur.outcomes) == 1 and cur.attempts[0] == attempt
                 and isinstance(cur.spec.leaves[0], Activity))
-
-    @staticmethod
-    def _fan(cur: _Step) -> tuple[int, int] | None:
-        """A step of two or more activities, all needed: only its last open slot can resolve it."""
-        if cur.fanout is None:
-            cur.fanout = (cur.spec.mode == "all" and len(cur.outcomes) >= 2
-                          and all(isinstance(leaf, Activity) for leaf in cur.spec.leaves))
-        if cur.done or not cur.fanout:
-            return None
-        return cur.number, len(cur.outcomes) - len(cur.settled)
-
-    def _waiting(self, cur: _Step) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        outcomes = cur.outcomes
-        while cur.first_open < len(outcomes) and outcomes[cur.first_open] is not None:
-            cur.first_open += 1
-        for slot in range(cur.first_open, len(outcomes)):  # O(listed), not O(width), per completion
-            if outcomes[slot] is None:
-                if len(out) == MAX_WAITING_LISTED:
-                    break
-                out.append({**cur.leaf_desc[slot], "slot": slot, "attempt": cur.attempts[slot]})
-        rest = len(outcomes) - len(cur.settled) - len(out)
-        if rest > 0:
-            out.append({"kind": "more", "name": f"{rest} more", "digest": "",
-                        "slot": -1, "attempt": 0, "count": rest})
-        return out
 
 
 def _copy(value: Any) -> Any:

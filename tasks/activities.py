@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 from sqlalchemy import Connection
 
+from persistence import recording as rec
 from persistence import runtime as rt
 from persistence.models import utcnow
 from sdk import serde
@@ -196,7 +197,7 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
     after = runtime.cache.seq_of(run_id)  # what the cached generator lacks, read with the record
 
     def record(conn: Connection) -> Any:
-        return rt.record_attempt(conn, store, task_id, ok, value, utcnow(), me, started_at, after, runtime.fans)
+        return rec.record_attempt(conn, store, task_id, ok, value, utcnow(), me, started_at, after, runtime.fans)
 
     try:
         adv.advance(runtime, run_id, before=record, publisher=me)
@@ -214,12 +215,12 @@ def _fanned(runtime: Runtime, task_id: str, run_id: str, value: Any, me: str, st
     """Record a success of the fan-out its run waits on (as this process last saw it) in one
     round trip; True if that settled it. False sends it down the usual path: another step, or
     a database error (the usual path retries, and its guard sees whether this one committed)."""
-    step = int(task_id.rsplit(":", 3)[1])
+    step = rt.split_task_id(task_id)[1]
     if runtime.fans.get(run_id) != step:
         return False
     try:
         with runtime.store.single() as conn:
-            outcome = rt.record_fanned(conn, task_id, step, value, utcnow(), me, started_at)
+            outcome = rec.record_fanned(conn, task_id, step, value, utcnow(), me, started_at)
     except Exception as exc:
         log.warning("baton: recording %s in its fan-out failed, taking the usual path: %s", task_id, exc)
         return False

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from persistence import recording as rec
 from persistence import runtime as rt
 from persistence.models import utcnow
 from sdk.errors import BatonError, WorkflowNotFound
@@ -56,23 +57,7 @@ def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] |
                         return
                     run = rt.mutable(row)
                 out, inst, status = _decide(runtime, conn, run, publisher)
-            if out.fan_step is not None:
-                if len(runtime.fans) >= FANS_REMEMBERED:
-                    runtime.fans.clear()
-                runtime.fans[run_id] = out.fan_step
-            else:
-                runtime.fans.pop(run_id, None)
-            if inst is not None and status is RunStatus.RUNNING:
-                inst.seq = out.last_seq
-                if out.locals is not rt.UNKNOWN:
-                    inst.host["locals"] = out.locals
-                runtime.cache.put(run_id, inst)
-            fault("after_commit")
-            try:
-                dispatch.send(runtime, out)
-            except Exception as exc:  # the broker is down: the commit stands, the sweeper re-sends
-                log.warning("baton: publishing for %s failed, the sweeper will re-send: %s", run_id, exc)
-                dispatch.defer(runtime, [m["id"] for m in out.publish])
+            _committed(runtime, run_id, out, inst if status is RunStatus.RUNNING else None)
             return
         except (OperationalError, DBAPIError) as exc:
             runtime.cache.take(run_id)
@@ -85,6 +70,28 @@ def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] |
         except Exception:
             runtime.cache.take(run_id)
             raise
+
+
+def _committed(runtime: Runtime, run_id: str, out: rt.Outbox, inst: Instance | None) -> None:
+    """After a decision's commit: remember the run's fan-out, keep its live generator (None if
+    the run is no longer running), then publish (a broker down leaves the sweeper to re-send)."""
+    if out.fan_step is not None:
+        if len(runtime.fans) >= FANS_REMEMBERED:
+            runtime.fans.clear()
+        runtime.fans[run_id] = out.fan_step
+    else:
+        runtime.fans.pop(run_id, None)
+    if inst is not None:
+        inst.seq = out.last_seq
+        if out.locals is not rt.UNKNOWN:
+            inst.host["locals"] = out.locals
+        runtime.cache.put(run_id, inst)
+    fault("after_commit")
+    try:
+        dispatch.send(runtime, out)
+    except Exception as exc:  # the broker is down: the commit stands, the sweeper re-sends
+        log.warning("baton: publishing for %s failed, the sweeper will re-send: %s", run_id, exc)
+        dispatch.defer(runtime, [m["id"] for m in out.publish])
 
 
 def _decide(runtime: Runtime, conn: Connection, run: Any,
@@ -104,7 +111,7 @@ def _decide(runtime: Runtime, conn: Connection, run: Any,
         rt.keep_inputs(conn, run, utcnow())
         store.touch_run(conn, run.run_id, run.last_seq)
         return rt.Outbox(), None, status
-    rt.harvest(conn, run)  # a fan-out's results kept in attempt rows join the history first
+    rec.harvest(conn, run)  # a fan-out's results kept in attempt rows join the history first
     pending: list[Event] = getattr(run, "pending", None) or []  # appended in this transaction, not yet written
     committed = pending[0].seq - 1 if pending else run.last_seq  # the last event already in the store
     inst = runtime.cache.take(run.run_id)
@@ -149,8 +156,7 @@ def guess(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, 
     the same effect, when the decision is not plain (an ending, a timer, a child, a signal
     wait): those take the usual path's statements.
     """
-    run_id, step_s, slot_s, attempt_s = task_id.rsplit(":", 3)
-    step, slot, attempt = int(step_s), int(slot_s), int(attempt_s)
+    run_id, step, slot, attempt = rt.split_task_id(task_id)
     inst = runtime.cache.items.get(run_id)
     known = inst.host.get("locals", rt.UNKNOWN) if inst is not None else rt.UNKNOWN
     if inst is None or known is rt.UNKNOWN or not inst.awaits_only(step, slot, attempt):
@@ -162,9 +168,8 @@ def guess(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, 
         return False
     runtime.cache.take(run_id)
     seq, now = inst.seq, utcnow()
-    payload: dict[str, Any] = {"attempt": attempt, "result" if ok else "error": value}
-    ev = Event(seq + 1, "activity_completed" if ok else "activity_failed", step, slot, payload, now,
-               f"att:{step}:{slot}:{attempt}", task_name)
+    kind, payload = rec.outcome(ok, attempt, value)
+    ev = Event(seq + 1, kind, step, slot, payload, now, rt.attempt_key(step, slot, attempt), task_name)
 
     def no_inbox() -> list[InboxSignal]:
         raise _InboxNeeded
@@ -176,19 +181,8 @@ def guess(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, 
     if decision.status is not RunStatus.RUNNING or not rt.plain(decision):
         return False
     with runtime.store.tx() as conn:
-        out = rt.commit_guessed(conn, run_id, seq, task_id, ok, ev, decision, now, publisher, started_at, known)
+        out = rec.commit_guessed(conn, run_id, seq, task_id, ok, ev, decision, now, publisher, started_at, known)
     if out is None:
         return False
-    inst.seq = out.last_seq
-    if out.locals is not rt.UNKNOWN:
-        inst.host["locals"] = out.locals
-    runtime.cache.put(run_id, inst)
-    if out.fan_step is not None:
-        runtime.fans[run_id] = out.fan_step
-    fault("after_commit")
-    try:
-        dispatch.send(runtime, out)
-    except Exception as exc:  # the broker is down: the commit stands, the sweeper re-sends
-        log.warning("baton: publishing for %s failed, the sweeper will re-send: %s", run_id, exc)
-        dispatch.defer(runtime, [m["id"] for m in out.publish])
+    _committed(runtime, run_id, out, inst)
     return True

@@ -45,7 +45,7 @@ def offline(db_url: str) -> Iterator[NS]:
 def drive(ns: NS, handle: Any, results: dict[str, Any] | None = None, rounds: int = 10) -> dict[str, Any]:
     """Advance ``handle`` in this process until it stops moving; complete its activities with
     ``results[task name]`` (recorded through ``record_attempt``, as a worker's hook does)."""
-    from persistence import runtime as rt
+    from persistence import recording as rec
     from persistence.models import utcnow
     from tasks import advance
 
@@ -60,7 +60,7 @@ def drive(ns: NS, handle: Any, results: dict[str, Any] | None = None, rounds: in
             break
         for t in pending:
             def record(conn: Any, tid: str = t.id, value: Any = results[t.task]) -> Any:
-                return rt.record_attempt(conn, store, tid, True, value, utcnow())
+                return rec.record_attempt(conn, store, tid, True, value, utcnow())
             advance.advance(runtime, handle.run_id, before=record)
     info: dict[str, Any] = handle.info()
     return info

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from persistence import runtime as rt
+from persistence import recording as rec
 from persistence.models import utcnow
 from sdk import BatonError
 from tasks import advance
@@ -39,7 +39,7 @@ def record_and_advance(ns: NS, run_id: str, task_id: str) -> None:
     store = ns.baton.store
 
     def record(conn: sa.Connection) -> object:
-        return rt.record_attempt(conn, store, task_id, True, 1, utcnow())
+        return rec.record_attempt(conn, store, task_id, True, 1, utcnow())
 
     advance.advance(ns.baton.runtime, run_id, before=record)
 

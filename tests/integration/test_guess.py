@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from persistence import recording as rec
 from persistence import runtime as rt
 from persistence.models import utcnow
 from tasks import advance as adv
@@ -61,7 +62,7 @@ def test_a_guess_on_a_run_that_moved_on_writes_nothing(ns: Any) -> None:
     assert ns.baton.runtime.cache.items.get(handle.run_id) is None, "the generator that guessed was kept"
 
     def record(conn: Any) -> Any:  # the usual path then sees the cancel and the result in order
-        return rt.record_attempt(conn, ns.baton.store, tid, True, 1, utcnow(), ME, None, 0)
+        return rec.record_attempt(conn, ns.baton.store, tid, True, 1, utcnow(), ME, None, 0)
 
     adv.advance(ns.baton.runtime, handle.run_id, before=record, publisher=ME)
     assert handle.status() == "cancelled"
@@ -79,7 +80,7 @@ def test_a_guess_for_an_attempt_settled_meanwhile_writes_nothing(ns: Any) -> Non
     # the connection's aborted transaction was rolled back: the usual path records on it next
 
     def record(conn: Any) -> Any:
-        return rt.record_attempt(conn, ns.baton.store, tid, True, 1, utcnow(), ME, None, 0)
+        return rec.record_attempt(conn, ns.baton.store, tid, True, 1, utcnow(), ME, None, 0)
 
     adv.advance(ns.baton.runtime, handle.run_id, before=record, publisher=ME)
     last, kinds, state = _state(ns, handle.run_id)
