@@ -6,6 +6,8 @@
 - ``BENCH_BROKER``: the Redis broker URL;
 - ``BENCH_DB``: Baton's database URL (Baton side);
 - ``BENCH_BACKEND``: the result backend URL (bare side; chords need one);
+- ``BENCH_FLOOR_DB``: a psycopg conninfo for ``bench.noop_pg`` (bare side), the no-op plus one
+  INSERT and COMMIT: bare Celery with the least any design that records each step durably pays;
 - ``BENCH_QUEUE``: the queue both the client and the worker use;
 - ``BENCH_CACHE_SIZE``: Baton's live-generator cache size per process (default: Baton's own);
 - ``BENCH_BARE_DEFAULTS=1``: the bare side keeps Celery's defaults instead of Baton's delivery settings;
@@ -127,7 +129,24 @@ def build_bare(broker: str, backend: str, queue: str = "bench") -> NS:
             r().rpush(notify, f"{time.time():.6f}")
         return x
 
-    return NS(app=app, noop=noop, redis=r)
+    db: dict[str, Any] = {}
+
+    def pg() -> Any:
+        if "c" not in db or db.get("pid") != os.getpid():
+            import psycopg
+
+            db["c"] = psycopg.connect(os.environ["BENCH_FLOOR_DB"], autocommit=True)
+            db["pid"] = os.getpid()
+        return db["c"]
+
+    @app.task(name="bench.noop_pg")
+    def noop_pg(x: Any = None, stamp: str | None = None, notify: str | None = None) -> Any:
+        """The no-op plus the least a durable step needs: one row INSERTed and COMMITted (raw
+        driver, autocommit, synchronous commit) before the task ends."""
+        pg().execute("INSERT INTO bench_floor (x, at) VALUES (%s, now())", (str(x),))
+        return noop(x, stamp, notify)
+
+    return NS(app=app, noop=noop, noop_pg=noop_pg, redis=r)
 
 
 def install_sql_stats(path_prefix: str) -> None:

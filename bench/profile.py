@@ -143,8 +143,15 @@ def record(env: bench.Env, scenario: str, size: int, reps: int, rate: int, idle:
     ns = env.baton_ns
     wf = ns.seq if scenario == "seq" else ns.fan
     for i in range(reps):
-        took = bench.baton_one(env, wf, size, timeout=900)
-        unit = f"{took / size * 1000:.2f} ms/step" if scenario == "seq" else f"{took:.2f} s"
+        if scenario == "thru":  # ``size`` runs of 10 steps at once
+            t0 = time.time()
+            ids = [ns.seq.start(10).id for _ in range(size)]
+            bench.wait_runs(env, ids, 900, interval=0.25)
+            took = size * 10 / (bench.finished_at(env, ids) - t0)
+            unit = f"{took:.0f} tasks/s"
+        else:
+            took = bench.baton_one(env, wf, size, timeout=900)
+            unit = f"{took / size * 1000:.2f} ms/step" if scenario == "seq" else f"{took:.2f} s"
         bench.log(f"profile {scenario} ({'wall' if idle else 'cpu'}) rep {i + 1}/{reps}: {unit}")
     spy.send_signal(signal.SIGINT)
     try:
@@ -202,9 +209,10 @@ def sql_report(env: bench.Env, scenario: str, size: int, reps: int, prefix: Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=("seq", "fan", "both"), default="both")
+    p.add_argument("--scenario", choices=("seq", "fan", "thru", "both"), default="both")
     p.add_argument("--seq-size", type=int, default=200)
     p.add_argument("--fan-size", type=int, default=1000)
+    p.add_argument("--thru-size", type=int, default=200, help="runs of 10 steps started at once")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     p.add_argument("--store", choices=("pg", "sqlite"), default="pg")
@@ -233,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         env.start_baton()
         assert env.baton_w is not None
         for scenario in scenarios:
-            size = a.seq_size if scenario == "seq" else a.fan_size
-            bench.baton_one(env, env.baton_ns.seq if scenario == "seq" else env.baton_ns.fan, min(size, 50))
-            if a.sql:
+            size = {"seq": a.seq_size, "fan": a.fan_size, "thru": a.thru_size}[scenario]
+            bench.baton_one(env, env.baton_ns.fan if scenario == "fan" else env.baton_ns.seq, min(size, 50))
+            if a.sql and scenario != "thru":
                 sections.append(sql_report(env, scenario, size, a.reps, prefix))
                 print(sections[-1], flush=True)
             for mode in modes:

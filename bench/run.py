@@ -138,6 +138,9 @@ class Env:
             # can be counted; the client uses another name.
             self.db_url = f"{PG}?options=-csearch_path%3D{self.schema}&application_name={self.schema}_w"
             self.client_db_url = f"{PG}?options=-csearch_path%3D{self.schema}&application_name={self.schema}_c"
+            with sa.create_engine(PG).begin() as c:  # the floor's table (bench.noop_pg writes one row per task)
+                c.execute(sa.text(f'CREATE TABLE "{self.schema}".bench_floor (id bigserial PRIMARY KEY, x text, '
+                                  'at timestamptz)'))
         else:
             self.db_url = f"sqlite:///{self.tmp / 'baton.sqlite3'}"
             self.client_db_url = self.db_url
@@ -164,21 +167,28 @@ class Env:
                 c.execute(sa.text(f'DROP SCHEMA "{self.schema}" CASCADE'))
             admin.dispose()
 
-    def pg_backends(self) -> list[int]:
-        """PIDs of the PostgreSQL backends serving the Baton worker's connections."""
+    @property
+    def floor(self) -> bool:
+        """Whether the floor side runs: bare Celery plus one INSERT and COMMIT per task (PostgreSQL)."""
+        return self.store == "pg"
+
+    def pg_backends(self, tag: str = "w") -> list[int]:
+        """PIDs of the PostgreSQL backends serving the Baton worker's connections (``w``) or the
+        bare worker's floor task (``f``)."""
         if self.store != "pg":
             return []
         from sqlalchemy import text
 
         with _store(self).read() as c:
             return [int(r[0]) for r in c.execute(text("SELECT pid FROM pg_stat_activity WHERE application_name = "
-                                                      ":n"), {"n": f"{self.schema}_w"})]
+                                                      ":n"), {"n": f"{self.schema}_{tag}"})]
 
     def cpu(self) -> dict[str, Any]:
         """CPU seconds so far: Baton worker, its PostgreSQL backends (by pid), bare worker."""
         return {"baton": self.baton_w.cpu() if self.baton_w else 0.0,
                 "baton_main": self.baton_w.cpu_main() if self.baton_w else 0.0,
                 "pg": {pid: cpu_seconds([pid]) for pid in self.pg_backends()},
+                "floor_pg": {pid: cpu_seconds([pid]) for pid in self.pg_backends("f")},
                 "bare": self.bare_w.cpu() if self.bare_w else 0.0,
                 "bare_main": self.bare_w.cpu_main() if self.bare_w else 0.0}
 
@@ -191,8 +201,12 @@ class Env:
         return env
 
     def bare_env(self) -> dict[str, str]:
-        return {"BENCH_SIDE": "bare", "BENCH_BROKER": self.bare_broker, "BENCH_BACKEND": self.bare_backend,
-                "BENCH_QUEUE": self.queue}
+        env = {"BENCH_SIDE": "bare", "BENCH_BROKER": self.bare_broker, "BENCH_BACKEND": self.bare_backend,
+               "BENCH_QUEUE": self.queue}
+        if self.floor:
+            env["BENCH_FLOOR_DB"] = (PG.replace("+psycopg", "") + f"?options=-csearch_path%3D{self.schema}"
+                                     f"&application_name={self.schema}_f")
+        return env
 
     def start_baton(self) -> Worker:
         if self.baton_w is not None:
@@ -240,10 +254,14 @@ def wait_runs(env: Env, ids: list[str], timeout: float, pred: Callable[[Any], bo
     def done() -> bool:
         if env.baton_w is not None:
             env.baton_w.check()
-        failed = [r for r in run_rows(env, ids[:1000]) if r.status in ("failed", "blocked", "cancelled")]
-        if failed:
-            raise RuntimeError(f"run {failed[0].run_id} ended {failed[0].status}")
-        return count_where(env, ids, check) == len(ids)
+        done = 0
+        for i in range(0, len(ids), 1000):  # one read per poll: the client's CPU competes with the workers
+            rows = run_rows(env, ids[i:i + 1000])
+            failed = [r for r in rows if r.status in ("failed", "blocked", "cancelled")]
+            if failed:
+                raise RuntimeError(f"run {failed[0].run_id} ended {failed[0].status}")
+            done += sum(1 for r in rows if check(r))
+        return done == len(ids)
 
     wait_for(done, timeout, f"{len(ids)} {what}", interval)
 
@@ -275,7 +293,7 @@ def baton_one(env: Env, wf: Any, *args: Any, timeout: float = 300) -> float:
     """Start one run, wait for it; seconds from the start call to its commit of completion."""
     t0 = time.time()
     h = wf.start(*args)
-    wait_runs(env, [h.id], timeout, interval=0.02)
+    wait_runs(env, [h.id], timeout, interval=0.05)  # the time is read from the run's row, not the poll
     return finished_at(env, [h.id]) - t0
 
 
@@ -313,20 +331,22 @@ def bare_wait(env: Env, key: str, n: int, timeout: float) -> list[float]:
     return out
 
 
-def bare_chain(env: Env, n: int, notify: str, stamp: str | None = None) -> Any:
+def bare_chain(env: Env, n: int, notify: str, stamp: str | None = None, floor: bool = False) -> Any:
+    """A chain of ``n`` no-op tasks; with ``floor``, each also INSERTs and COMMITs one row."""
     from celery import chain
 
-    noop = env.bare_ns.noop
+    noop = env.bare_ns.noop_pg if floor else env.bare_ns.noop
     sigs = [noop.si(i, stamp=stamp).set(ignore_result=True) for i in range(n - 1)]
     sigs.append(noop.si(n - 1, stamp=stamp, notify=notify).set(ignore_result=True))
     return chain(*sigs)
 
 
-def bare_chord(env: Env, n: int, notify: str) -> Any:
+def bare_chord(env: Env, n: int, notify: str, floor: bool = False) -> Any:
     from celery import chord
 
     noop = env.bare_ns.noop
-    return chord([noop.si(i) for i in range(n)], noop.si(None, notify=notify).set(ignore_result=True))
+    header = env.bare_ns.noop_pg if floor else noop
+    return chord([header.si(i) for i in range(n)], noop.si(None, notify=notify).set(ignore_result=True))
 
 
 def warm_bare(env: Env) -> None:
@@ -334,7 +354,11 @@ def warm_bare(env: Env) -> None:
     bare_chain(env, 10, key).apply_async()
     bare_chord(env, 10, key).apply_async()
     bare_chain(env, 10, key).apply_async()
-    bare_wait(env, key, 3, 90)
+    n = 3
+    if env.floor:
+        bare_chain(env, 10, key, floor=True).apply_async()
+        n += 1
+    bare_wait(env, key, n, 90)
 
 
 # ---------------------------------------------------------------- results
@@ -369,19 +393,27 @@ class Meter:
 
     def __init__(self, env: Env) -> None:
         self.env = env
-        self.wall: dict[str, list[float]] = {"baton": [], "bare": []}
-        self.cpu: dict[str, list[float]] = {"baton": [], "baton_main": [], "pg": [], "bare": [], "bare_main": []}
+        self.wall: dict[str, list[float]] = {"baton": [], "bare": [], "floor": []}
+        self.cpu: dict[str, list[float]] = {"baton": [], "baton_main": [], "pg": [], "bare": [], "bare_main": [],
+                                            "floor": [], "floor_pg": []}
 
     def measure(self, side: str, fn: Callable[[], float]) -> float:
         before = self.env.cpu()
+        c0 = time.process_time()
         value = fn()
+        self.cpu.setdefault(f"client_{side}", []).append(time.process_time() - c0)
         time.sleep(0.3)  # let the last acknowledgements and the pool's bookkeeping land
         after = self.env.cpu()
+        def pg(key: str) -> float:  # per backend: one that closed meanwhile is not counted, a new one from zero
+            return sum(max(0.0, t - before[key].get(pid, 0.0)) for pid, t in after[key].items())
+
         if side == "baton":
             self.cpu["baton"].append(after["baton"] - before["baton"])
             self.cpu["baton_main"].append(after["baton_main"] - before["baton_main"])
-            # per backend: one that closed meanwhile is not counted, one that opened counts from zero
-            self.cpu["pg"].append(sum(max(0.0, t - before["pg"].get(pid, 0.0)) for pid, t in after["pg"].items()))
+            self.cpu["pg"].append(pg("pg"))
+        elif side == "floor":
+            self.cpu["floor"].append(after["bare"] - before["bare"])
+            self.cpu["floor_pg"].append(pg("floor_pg"))
         else:
             self.cpu["bare"].append(after["bare"] - before["bare"])
             self.cpu["bare_main"].append(after["bare_main"] - before["bare_main"])
@@ -407,6 +439,16 @@ class Meter:
         out.append(Row(scenario, "  of which the worker's main process (consumer)", mb, mc))
         if pg is not None:
             out.append(Row(scenario, f"PostgreSQL backend CPU ms per {unit} (Baton's connections)", pg, None))
+        out.append(Row(scenario, f"  the bench client's own CPU ms per {unit} (starting, waiting)",
+                       med(self.cpu["client_baton"]) / units * 1000, med(self.cpu["client_bare"]) / units * 1000))
+        if self.wall["floor"]:
+            f = med(self.wall["floor"])
+            out.append(Row(scenario, "**floor**: bare Celery, each task also INSERTs and COMMITs one row (floor "
+                           "in the Baton column; ratio floor/bare)", f, c, samples={"floor": self.wall["floor"]}))
+            out.append(Row(scenario, "  Baton / floor", None, None, ratio=b / f))
+            out.append(Row(scenario, f"  floor: worker CPU ms per {unit} / its PostgreSQL backend CPU ms per {unit}",
+                           med(self.cpu["floor"]) / units * 1000, None,
+                           note=f"{med(self.cpu['floor_pg']) / units * 1000:.2f}"))
         return out
 
 
@@ -415,9 +457,9 @@ def scen_seq(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     ns = env.baton_ns
     m = Meter(env)
 
-    def bare() -> float:
+    def bare(floor: bool = False) -> float:
         key = f"seq:{uuid.uuid4().hex}"
-        sig = bare_chain(env, n, key)
+        sig = bare_chain(env, n, key, floor=floor)
         t0 = time.time()
         sig.apply_async()
         return (bare_wait(env, key, 1, 300)[0] - t0) / n * 1000
@@ -425,7 +467,9 @@ def scen_seq(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     for rep in range(reps):
         b = m.measure("baton", lambda: baton_one(env, ns.seq, n) / n * 1000)
         c = m.measure("bare", bare)
-        log(f"seq rep {rep + 1}/{reps}: baton {b:.2f} ms/step, bare {c:.2f} ms/step (load {loadavg()})")
+        f = m.measure("floor", lambda: bare(True)) if env.floor else float("nan")
+        log(f"seq rep {rep + 1}/{reps}: baton {b:.2f} ms/step, bare {c:.2f} ms/step, floor {f:.2f} ms/step "
+            f"(load {loadavg()})")
     return m.rows("1 sequential", f"ms per step, {n} steps", "≤ 1.3x", lambda r: r <= 1.3, n, "step")
 
 
@@ -434,9 +478,9 @@ def scen_fan(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     ns = env.baton_ns
     m = Meter(env)
 
-    def bare() -> float:
+    def bare(floor: bool = False) -> float:
         key = f"fan:{uuid.uuid4().hex}"
-        sig = bare_chord(env, n, key)
+        sig = bare_chord(env, n, key, floor=floor)
         t0 = time.time()
         sig.apply_async()
         return bare_wait(env, key, 1, 600)[0] - t0
@@ -444,7 +488,8 @@ def scen_fan(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     for rep in range(reps):
         b = m.measure("baton", lambda: baton_one(env, ns.fan, n, timeout=900))
         c = m.measure("bare", bare)
-        log(f"fan rep {rep + 1}/{reps}: baton {b:.2f} s, bare {c:.2f} s (load {loadavg()})")
+        f = m.measure("floor", lambda: bare(True)) if env.floor else float("nan")
+        log(f"fan rep {rep + 1}/{reps}: baton {b:.2f} s, bare {c:.2f} s, floor {f:.2f} s (load {loadavg()})")
     return m.rows("2 fan-out", f"seconds for {n} tasks + join", "≤ 1.0x", lambda r: r <= 1.0, n, "task")
 
 
@@ -457,12 +502,12 @@ def scen_thru(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     def baton() -> float:
         t0 = time.time()
         ids = [ns.seq.start(steps).id for _ in range(runs)]
-        wait_runs(env, ids, 900, interval=0.1)
+        wait_runs(env, ids, 900, interval=0.25)  # the time is read from the runs' rows, not the poll
         return total / (finished_at(env, ids) - t0)
 
-    def bare() -> float:
+    def bare(floor: bool = False) -> float:
         key = f"thru:{uuid.uuid4().hex}"
-        sigs = [bare_chain(env, steps, key) for _ in range(runs)]
+        sigs = [bare_chain(env, steps, key, floor=floor) for _ in range(runs)]
         t0 = time.time()
         for s in sigs:
             s.apply_async()
@@ -471,7 +516,9 @@ def scen_thru(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     for rep in range(reps):
         b = m.measure("baton", baton)
         c = m.measure("bare", bare)
-        log(f"thru rep {rep + 1}/{reps}: baton {b:.0f} tasks/s, bare {c:.0f} tasks/s (load {loadavg()})")
+        f = m.measure("floor", lambda: bare(True)) if env.floor else float("nan")
+        log(f"thru rep {rep + 1}/{reps}: baton {b:.0f} tasks/s, bare {c:.0f} tasks/s, floor {f:.0f} tasks/s "
+            f"(load {loadavg()})")
     return m.rows("3 throughput", f"tasks/s, {runs} x {steps}-step", "≥ 0.7x", lambda r: r >= 0.7, total, "task")
 
 
