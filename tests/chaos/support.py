@@ -508,8 +508,10 @@ def verify_runs(baton: Any, expected: list[tuple[Any, Any]], failures_ok: bool =
     return rep
 
 
-def wait_all(handles: list[Any], timeout: float, what: str = "every run to finish") -> None:
-    """Wait until no run is still running (a store outage counts as "not yet")."""
+def wait_all(handles: list[Any], timeout: float, what: str = "every run to finish",
+             each: Callable[[], Any] | None = None) -> None:
+    """Wait until no run is still running (a store outage counts as "not yet"); ``each`` is
+    called at every look (e.g. to restart workers, as a supervisor would)."""
     from sqlalchemy import select
 
     from persistence.store import runs
@@ -520,6 +522,8 @@ def wait_all(handles: list[Any], timeout: float, what: str = "every run to finis
     store = handles[0].baton.store
 
     def done() -> bool:
+        if each is not None:
+            each()
         ids = list(pending)
         with store.read() as conn:
             rows = conn.execute(select(runs.c.run_id, runs.c.status, runs.c.next_run_id)
