@@ -467,9 +467,8 @@ def scen_seq(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     for rep in range(reps):
         b = m.measure("baton", lambda: baton_one(env, ns.seq, n) / n * 1000)
         c = m.measure("bare", bare)
-        f = m.measure("floor", lambda: bare(True)) if env.floor else float("nan")
-        log(f"seq rep {rep + 1}/{reps}: baton {b:.2f} ms/step, bare {c:.2f} ms/step, floor {f:.2f} ms/step "
-            f"(load {loadavg()})")
+        fl = f", floor {m.measure('floor', lambda: bare(True)):.2f} ms/step" if env.floor else ""
+        log(f"seq rep {rep + 1}/{reps}: baton {b:.2f} ms/step, bare {c:.2f} ms/step{fl} (load {loadavg()})")
     return m.rows("1 sequential", f"ms per step, {n} steps", "≤ 1.3x", lambda r: r <= 1.3, n, "step")
 
 
@@ -488,8 +487,8 @@ def scen_fan(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     for rep in range(reps):
         b = m.measure("baton", lambda: baton_one(env, ns.fan, n, timeout=900))
         c = m.measure("bare", bare)
-        f = m.measure("floor", lambda: bare(True)) if env.floor else float("nan")
-        log(f"fan rep {rep + 1}/{reps}: baton {b:.2f} s, bare {c:.2f} s, floor {f:.2f} s (load {loadavg()})")
+        fl = f", floor {m.measure('floor', lambda: bare(True)):.2f} s" if env.floor else ""
+        log(f"fan rep {rep + 1}/{reps}: baton {b:.2f} s, bare {c:.2f} s{fl} (load {loadavg()})")
     return m.rows("2 fan-out", f"seconds for {n} tasks + join", "≤ 1.0x", lambda r: r <= 1.0, n, "task")
 
 
@@ -516,9 +515,8 @@ def scen_thru(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
     for rep in range(reps):
         b = m.measure("baton", baton)
         c = m.measure("bare", bare)
-        f = m.measure("floor", lambda: bare(True)) if env.floor else float("nan")
-        log(f"thru rep {rep + 1}/{reps}: baton {b:.0f} tasks/s, bare {c:.0f} tasks/s, floor {f:.0f} tasks/s "
-            f"(load {loadavg()})")
+        fl = f", floor {m.measure('floor', lambda: bare(True)):.0f} tasks/s" if env.floor else ""
+        log(f"thru rep {rep + 1}/{reps}: baton {b:.0f} tasks/s, bare {c:.0f} tasks/s{fl} (load {loadavg()})")
     return m.rows("3 throughput", f"tasks/s, {runs} x {steps}-step", "≥ 0.7x", lambda r: r >= 0.7, total, "task")
 
 
