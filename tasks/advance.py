@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
@@ -34,11 +36,36 @@ DB_RETRY_SECONDS = 90.0  # how long a worker keeps retrying through a database o
 FANS_REMEMBERED = 10_000  # runs whose fan-out a process remembers (a hint: forgetting costs a round trip)
 
 
+@dataclass
+class Guessed:
+    """A decision a cached generator took before the lock that the one-round-trip write does not
+    carry (an ending, a timer, a child, a cancel): :func:`guess` hands it to the usual path, which
+    commits it if the run is still exactly where the generator left it, instead of replaying the
+    whole history into a new generator. Falsy, like any ``guess`` that committed nothing."""
+
+    inst: Instance
+    seq: int  # the run's last_seq the generator decided from
+    event: Event  # the attempt's outcome it was fed
+    decision: Decision
+    now: datetime  # the clock it decided with
+    known: Any  # the run's locals as last committed (rt.UNKNOWN if not known)
+
+    def __bool__(self) -> bool:
+        return False
+
+    def fits(self, run: Any, committed: int, pending: list[Event]) -> bool:
+        """Whether the locked run is where the generator left it, with only this outcome appended."""
+        if committed != self.seq or run.decided_seq != self.seq or len(pending) != 1:
+            return False
+        e, g = pending[0], self.event
+        return (e.seq, e.kind, e.step, e.slot, e.key, e.payload) == (g.seq, g.kind, g.step, g.slot, g.key, g.payload)
+
+
 def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] | None = None,
-            publisher: str | None = None) -> None:
+            publisher: str | None = None, guessed: Guessed | None = None) -> None:
     """Advance ``run_id``; ``before(conn)`` runs first in the same transaction and returns
     ``(locked run, appended event or None)`` (or None: nothing to decide), e.g. to record an
-    activity's result."""
+    activity's result. ``guessed``: see :class:`Guessed` (used on the first try only)."""
     store = runtime.store
     deadline = time.monotonic() + DB_RETRY_SECONDS
     delay = 0.05
@@ -56,11 +83,12 @@ def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] |
                     if row is None:
                         return
                     run = rt.mutable(row)
-                out, inst, status = _decide(runtime, conn, run, publisher)
+                out, inst, status = _decide(runtime, conn, run, publisher, guessed)
             _committed(runtime, run_id, out, inst if status is RunStatus.RUNNING else None)
             return
         except (OperationalError, DBAPIError) as exc:
             runtime.cache.take(run_id)
+            guessed = None
             if time.monotonic() > deadline:
                 raise
             log.warning("baton: database error advancing %s, retrying in %.2fs: %s", run_id, delay,
@@ -94,8 +122,8 @@ def _committed(runtime: Runtime, run_id: str, out: rt.Outbox, inst: Instance | N
         dispatch.defer(runtime, [m["id"] for m in out.publish])
 
 
-def _decide(runtime: Runtime, conn: Connection, run: Any,
-            publisher: str | None) -> tuple[rt.Outbox, Instance | None, RunStatus]:
+def _decide(runtime: Runtime, conn: Connection, run: Any, publisher: str | None,
+            guessed: Guessed | None = None) -> tuple[rt.Outbox, Instance | None, RunStatus]:
     store = runtime.store
     status = RunStatus(run.status)
     if status.terminal or status is RunStatus.BLOCKED:
@@ -114,6 +142,14 @@ def _decide(runtime: Runtime, conn: Connection, run: Any,
     rec.harvest(conn, run)  # a fan-out's results kept in attempt rows join the history first
     pending: list[Event] = getattr(run, "pending", None) or []  # appended in this transaction, not yet written
     committed = pending[0].seq - 1 if pending else run.last_seq  # the last event already in the store
+    if guessed is not None and guessed.inst.definition is defn and guessed.fits(run, committed, pending):
+        runtime.cache.take(run.run_id)
+        run.pending = [guessed.event]  # the outcome exactly as the generator saw it (its time too)
+        if guessed.known is not rt.UNKNOWN:
+            run.known_locals = guessed.known
+        decision = guessed.decision
+        out = rt.commit_decision(store, conn, run, decision, guessed.now, publisher)
+        return out, guessed.inst, decision.status
     inst = runtime.cache.take(run.run_id)
     if inst is None or inst.poisoned or inst.finished or inst.seq > committed or inst.definition is not defn:
         inst = Instance(defn, run.run_id, runtime.baton.max_payload_bytes)
@@ -145,16 +181,18 @@ class _InboxNeeded(Exception):
 
 
 def guess(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, publisher: str,
-          started_at: Any) -> bool:
+          started_at: Any) -> bool | Guessed:
     """Record an attempt's outcome and advance its run in one round trip (PostgreSQL), when this
     process's cached generator waits on exactly that attempt: it decides *before* the lock, and
     the commit checks, in the statement that locks the run, that the run is still where the
     generator left it (same ``last_seq``, running) and the attempt still open. True if so.
 
     False leaves everything to the usual path: nothing was written, and the generator (which
-    may have moved on) is dropped from the cache, so the usual path replays. Also False, with
-    the same effect, when the decision is not plain (an ending, a timer, a child, a signal
-    wait): those take the usual path's statements.
+    may have moved on) is dropped from the cache, so the usual path replays. When the decision
+    is not plain (an ending, a timer, a child, a cancel), nothing is written either, and a
+    (falsy) :class:`Guessed` hands the decision and its generator to the usual path, which
+    takes the general path's statements without replaying. A signal wait needs the inbox, read
+    under the run's lock: False.
     """
     run_id, step, slot, attempt = rt.split_task_id(task_id)
     inst = runtime.cache.items.get(run_id)
@@ -179,7 +217,7 @@ def guess(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, 
     except (_InboxNeeded, BatonError):
         return False
     if decision.status is not RunStatus.RUNNING or not rt.plain(decision):
-        return False
+        return Guessed(inst, seq, ev, decision, now, known)
     with runtime.store.tx() as conn:
         out = rec.commit_guessed(conn, run_id, seq, task_id, ok, ev, decision, now, publisher, started_at, known)
     if out is None:

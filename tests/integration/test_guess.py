@@ -87,10 +87,50 @@ def test_a_guess_for_an_attempt_settled_meanwhile_writes_nothing(ns: Any) -> Non
     assert state == "done" and kinds[-2:] == ["activity_completed", "step_scheduled"] and last == before[0] + 2
 
 
-def test_a_decision_that_is_not_plain_is_left_to_the_usual_path(ns: Any) -> None:
+def _counting_instances(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Run ids of the generators the usual path builds from scratch (each one a full replay)."""
+    built: list[str] = []
+    real = adv.Instance
+
+    def counted(defn: Any, run_id: str, *args: Any, **kw: Any) -> Any:
+        built.append(run_id)
+        return real(defn, run_id, *args, **kw)
+
+    monkeypatch.setattr(adv, "Instance", counted)
+    return built
+
+
+def _record(ns: Any, tid: str, after: int) -> Any:
+    def record(conn: Any) -> Any:
+        return rec.record_attempt(conn, ns.baton.store, tid, True, 1, utcnow(), ME, None, after)
+    return record
+
+
+def test_a_decision_that_is_not_plain_is_handed_to_the_usual_path(ns: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     handle = ns.sequence.start(1)
     adv.advance(ns.baton.runtime, handle.run_id, publisher=ME)
     tid = rt.task_id(handle.run_id, 1, 0, 1)
     before = _state(ns, handle.run_id)
-    assert not adv.guess(ns.baton.runtime, tid, "t.add", True, 1, ME, None)  # the run would end: not plain
-    assert _state(ns, handle.run_id) == before
+    got = adv.guess(ns.baton.runtime, tid, "t.add", True, 1, ME, None)  # the run would end: not plain
+    assert isinstance(got, adv.Guessed) and not got and got.decision.status.value == "completed"
+    assert _state(ns, handle.run_id) == before, "a guess that is not plain wrote something"
+    built = _counting_instances(monkeypatch)
+    adv.advance(ns.baton.runtime, handle.run_id, before=_record(ns, tid, got.seq), publisher=ME, guessed=got)
+    assert handle.status() == "completed" and handle.result(timeout=5) == 1
+    assert built == [], "the usual path replayed the history instead of committing the generator's decision"
+    events = ns.baton.store.events(handle.run_id)
+    outcome = next(e for e in events if e.kind == "activity_completed")
+    assert outcome.at == got.event.at and [e.kind for e in events][-1] == "completed"
+
+
+def test_a_handed_over_decision_is_dropped_if_the_run_moved_on(ns: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    handle = ns.sequence.start(1)
+    adv.advance(ns.baton.runtime, handle.run_id, publisher=ME)
+    tid = rt.task_id(handle.run_id, 1, 0, 1)
+    got = adv.guess(ns.baton.runtime, tid, "t.add", True, 1, ME, None)
+    assert isinstance(got, adv.Guessed)
+    handle.cancel("meanwhile")  # between the guess and the usual path: the generator's decision is stale
+    built = _counting_instances(monkeypatch)
+    adv.advance(ns.baton.runtime, handle.run_id, before=_record(ns, tid, got.seq), publisher=ME, guessed=got)
+    assert handle.status() == "cancelled", "the stale decision (completed) was committed over the cancel"
+    assert built == [handle.run_id], "the usual path should have replayed into a new generator"
