@@ -39,9 +39,10 @@ FANS_REMEMBERED = 10_000  # runs whose fan-out a process remembers (a hint: forg
 @dataclass
 class Guessed:
     """A decision a cached generator took before the lock that the one-round-trip write does not
-    carry (an ending, a timer, a child, a cancel): :func:`guess` hands it to the usual path, which
-    commits it if the run is still exactly where the generator left it, instead of replaying the
-    whole history into a new generator. Falsy, like any ``guess`` that committed nothing."""
+    carry (an ending, a timer, a child, a cancel, a signal wait): :func:`guess` hands it to the
+    usual path, which commits it if the run is still exactly where the generator left it, instead
+    of replaying the whole history into a new generator. Falsy, like any ``guess`` that committed
+    nothing."""
 
     inst: Instance
     seq: int  # the run's last_seq the generator decided from
@@ -49,16 +50,20 @@ class Guessed:
     decision: Decision
     now: datetime  # the clock it decided with
     known: Any  # the run's locals as last committed (rt.UNKNOWN if not known)
+    empty_inbox: bool = False  # it waits on a signal, decided with no signal received yet
 
     def __bool__(self) -> bool:
         return False
 
-    def fits(self, run: Any, committed: int, pending: list[Event]) -> bool:
-        """Whether the locked run is where the generator left it, with only this outcome appended."""
+    def fits(self, conn: Connection, run: Any, committed: int, pending: list[Event]) -> bool:
+        """Whether the locked run is where the generator left it, with only this outcome appended
+        (and, for a signal wait, still no signal waiting in its inbox)."""
         if committed != self.seq or run.decided_seq != self.seq or len(pending) != 1:
             return False
         e, g = pending[0], self.event
-        return (e.seq, e.kind, e.step, e.slot, e.key, e.payload) == (g.seq, g.kind, g.step, g.slot, g.key, g.payload)
+        if (e.seq, e.kind, e.step, e.slot, e.key, e.payload) != (g.seq, g.kind, g.step, g.slot, g.key, g.payload):
+            return False
+        return not (self.empty_inbox and rt.inbox(conn, run.run_id))
 
 
 def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] | None = None,
@@ -142,7 +147,7 @@ def _decide(runtime: Runtime, conn: Connection, run: Any, publisher: str | None,
     rec.harvest(conn, run)  # a fan-out's results kept in attempt rows join the history first
     pending: list[Event] = getattr(run, "pending", None) or []  # appended in this transaction, not yet written
     committed = pending[0].seq - 1 if pending else run.last_seq  # the last event already in the store
-    if guessed is not None and guessed.inst.definition is defn and guessed.fits(run, committed, pending):
+    if guessed is not None and guessed.inst.definition is defn and guessed.fits(conn, run, committed, pending):
         runtime.cache.take(run.run_id)
         run.pending = [guessed.event]  # the outcome exactly as the generator saw it (its time too)
         if guessed.known is not rt.UNKNOWN:
@@ -176,10 +181,6 @@ def _decide(runtime: Runtime, conn: Connection, run: Any, publisher: str | None,
     return out, inst, decision.status
 
 
-class _InboxNeeded(Exception):
-    """A guessed decision reached a signal wait: the inbox must be read under the run's lock."""
-
-
 def guess(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, publisher: str,
           started_at: Any) -> bool | Guessed:
     """Record an attempt's outcome and advance its run in one round trip (PostgreSQL), when this
@@ -189,10 +190,10 @@ def guess(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, 
 
     False leaves everything to the usual path: nothing was written, and the generator (which
     may have moved on) is dropped from the cache, so the usual path replays. When the decision
-    is not plain (an ending, a timer, a child, a cancel), nothing is written either, and a
-    (falsy) :class:`Guessed` hands the decision and its generator to the usual path, which
-    takes the general path's statements without replaying. A signal wait needs the inbox, read
-    under the run's lock: False.
+    is not plain (an ending, a timer, a child, a cancel), or waits on a signal (decided as if
+    none had arrived: only the lock can tell), nothing is written either, and a (falsy)
+    :class:`Guessed` hands the decision and its generator to the usual path, which commits it
+    if it still holds, without replaying.
     """
     run_id, step, slot, attempt = rt.split_task_id(task_id)
     inst = runtime.cache.items.get(run_id)
@@ -209,15 +210,18 @@ def guess(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, 
     kind, payload = rec.outcome(ok, attempt, value)
     ev = Event(seq + 1, kind, step, slot, payload, now, rt.attempt_key(step, slot, attempt), task_name)
 
-    def no_inbox() -> list[InboxSignal]:
-        raise _InboxNeeded
+    asked: list[bool] = []
+
+    def empty_inbox() -> list[InboxSignal]:
+        asked.append(True)
+        return []  # assumed empty: checked under the run's lock before the decision is used
 
     try:
-        decision = inst.activate([ev], now=now, decided_seq=seq, inbox=no_inbox)
-    except (_InboxNeeded, BatonError):
+        decision = inst.activate([ev], now=now, decided_seq=seq, inbox=empty_inbox)
+    except BatonError:
         return False
-    if decision.status is not RunStatus.RUNNING or not rt.plain(decision):
-        return Guessed(inst, seq, ev, decision, now, known)
+    if asked or decision.status is not RunStatus.RUNNING or not rt.plain(decision):
+        return Guessed(inst, seq, ev, decision, now, known, empty_inbox=bool(asked))
     with runtime.store.tx() as conn:
         out = rec.commit_guessed(conn, run_id, seq, task_id, ok, ev, decision, now, publisher, started_at, known)
     if out is None:

@@ -134,3 +134,35 @@ def test_a_handed_over_decision_is_dropped_if_the_run_moved_on(ns: Any, monkeypa
     adv.advance(ns.baton.runtime, handle.run_id, before=_record(ns, tid, got.seq), publisher=ME, guessed=got)
     assert handle.status() == "cancelled", "the stale decision (completed) was committed over the cancel"
     assert built == [handle.run_id], "the usual path should have replayed into a new generator"
+
+
+def _at_signal_wait(ns: Any) -> tuple[Any, str, Any]:
+    """A run whose next decision, after its first activity, is to wait for signal "go"."""
+    handle = ns.changing.start("guess-signal")
+    adv.advance(ns.baton.runtime, handle.run_id, publisher=ME)
+    tid = rt.task_id(handle.run_id, 1, 0, 1)
+    got = adv.guess(ns.baton.runtime, tid, "t.count", True, 1, ME, None)
+    assert isinstance(got, adv.Guessed) and got.empty_inbox, "a signal wait is decided as if no signal came"
+    return handle, tid, got
+
+
+def test_a_signal_wait_decided_before_the_lock_is_committed_if_no_signal_came(
+        ns: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    handle, tid, got = _at_signal_wait(ns)
+    built = _counting_instances(monkeypatch)
+    adv.advance(ns.baton.runtime, handle.run_id, before=_record(ns, tid, got.seq), publisher=ME, guessed=got)
+    assert built == [], "the usual path replayed the history instead of committing the generator's decision"
+    assert [w["kind"] for w in handle.info()["waiting"]] == ["signal"]
+    handle.signal("go", 7)
+    adv.advance(ns.baton.runtime, handle.run_id, publisher=ME)
+    assert handle.status() == "completed"
+
+
+def test_a_signal_wait_decided_before_the_lock_is_dropped_if_a_signal_came(
+        ns: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    handle, tid, got = _at_signal_wait(ns)
+    handle.signal("go", 7)  # between the guess and the usual path: the wait is already answered
+    built = _counting_instances(monkeypatch)
+    adv.advance(ns.baton.runtime, handle.run_id, before=_record(ns, tid, got.seq), publisher=ME, guessed=got)
+    assert built == [handle.run_id], "the usual path should have replayed and read the inbox"
+    assert handle.status() == "completed", "the signal that came first was not delivered"
