@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -97,6 +98,19 @@ def build_baton(broker: str, database_url: str, queue: str = "bench", cache_size
     return NS(app=app, baton=baton, noop=noop, seq=seq, fan=fan, long=long, parked=parked)
 
 
+def per_process(make: Callable[[], Any]) -> Callable[[], Any]:
+    """``make()``'s result, made once per process (a pool child must not share its parent's
+    connection)."""
+    held: dict[str, Any] = {}
+
+    def get() -> Any:
+        if held.get("pid") != os.getpid():
+            held["obj"], held["pid"] = make(), os.getpid()
+        return held["obj"]
+
+    return get
+
+
 def build_bare(broker: str, backend: str, queue: str = "bench") -> NS:
     """A plain Celery app with a result backend and the same no-op task."""
     import redis
@@ -113,13 +127,7 @@ def build_bare(broker: str, backend: str, queue: str = "bench") -> NS:
             app.conf[key] = value
     # Baton turns on task-sent events for Flower; that is a cost of Baton's, not of Celery's.
     app.conf.task_send_sent_event = False
-    client: dict[str, Any] = {}
-
-    def r() -> Any:
-        if "r" not in client or client.get("pid") != os.getpid():
-            client["r"] = redis.Redis.from_url(broker)
-            client["pid"] = os.getpid()
-        return client["r"]
+    r = per_process(lambda: redis.Redis.from_url(broker))
 
     @app.task(name="bench.noop")
     def noop(x: Any = None, stamp: str | None = None, notify: str | None = None) -> Any:
@@ -129,15 +137,12 @@ def build_bare(broker: str, backend: str, queue: str = "bench") -> NS:
             r().rpush(notify, f"{time.time():.6f}")
         return x
 
-    db: dict[str, Any] = {}
+    def connect_floor() -> Any:
+        import psycopg
 
-    def pg() -> Any:
-        if "c" not in db or db.get("pid") != os.getpid():
-            import psycopg
+        return psycopg.connect(os.environ["BENCH_FLOOR_DB"], autocommit=True)
 
-            db["c"] = psycopg.connect(os.environ["BENCH_FLOOR_DB"], autocommit=True)
-            db["pid"] = os.getpid()
-        return db["c"]
+    pg = per_process(connect_floor)
 
     @app.task(name="bench.noop_pg")
     def noop_pg(x: Any = None, stamp: str | None = None, notify: str | None = None) -> Any:

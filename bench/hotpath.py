@@ -32,9 +32,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 from bench.app import build_baton  # noqa: E402
 from bench.procs import cpu_seconds  # noqa: E402
-from persistence import recording as rec  # noqa: E402
 from persistence import runtime as rt  # noqa: E402
-from persistence.models import utcnow  # noqa: E402
 from tasks import advance as adv  # noqa: E402
 
 
@@ -82,19 +80,9 @@ def main() -> None:
             tid = rt.task_id(run_id, i + 1, 0, 1)
             if args.cold:
                 runtime.cache.clear()
-            guessed = None
-            if args.store == "pg" and not args.no_guess:
-                got = adv.guess(runtime, tid, "bench.noop", True, i, me, None)
-                if got is True:
-                    return  # as tasks.activities.on_postrun does: one round trip when the cached generator can decide
-                if isinstance(got, adv.Guessed) and not args.no_handoff:
-                    guessed = got  # the run's ending: decided by the cached generator, written the usual way
-            after = guessed.seq if guessed is not None else runtime.cache.seq_of(run_id)
-
-            def record(conn):  # type: ignore[no-untyped-def]
-                return rec.record_attempt(conn, store, tid, True, i, utcnow(), me, None, after, runtime.fans)
-
-            adv.advance(runtime, run_id, before=record, publisher=me, guessed=guessed)
+            # as tasks.activities.on_postrun does (one round trip when the cached generator can decide)
+            adv.record(runtime, tid, "bench.noop", True, i, me, None, try_guess=not args.no_guess,
+                       hand_over=not args.no_handoff)
 
         warm = min(20, args.steps // 5)
         for i in range(warm):

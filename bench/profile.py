@@ -38,7 +38,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import run as bench  # noqa: E402
+from bench import env as bench  # noqa: E402
 
 TASK_FRAMES = ("trace_task ", "fast_trace_task ")
 

@@ -24,7 +24,6 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
-from sqlalchemy import Connection
 
 from persistence import recording as rec
 from persistence import runtime as rt
@@ -183,29 +182,10 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
     me = worker_id(str(task.request.hostname or "unknown"))
     run_id = rt.run_of_task(task_id)
     fault("before_record")
-    guessed: adv.Guessed | None = None  # a decision the cached generator took that only the usual path writes
-    if not store.sqlite:
-        if ok and _fanned(runtime, task_id, run_id, value, me, started_at):
-            return
-        try:
-            got = adv.guess(runtime, task_id, task.name, ok, value, me, started_at)
-            if got is True:
-                fault("after_publish")
-                return
-            if isinstance(got, adv.Guessed):
-                guessed = got
-        except Exception as exc:  # the usual path retries, and its guard sees whether this one committed
-            runtime.cache.take(run_id)
-            log.warning("baton: recording %s in one round trip failed, taking the usual path: %s", task_id, exc)
-
-    # What the cached generator (or the one that guessed) lacks, read with the record.
-    after = guessed.seq if guessed is not None else runtime.cache.seq_of(run_id)
-
-    def record(conn: Connection) -> Any:
-        return rec.record_attempt(conn, store, task_id, ok, value, utcnow(), me, started_at, after, runtime.fans)
-
+    if not store.sqlite and ok and _fanned(runtime, task_id, run_id, value, me, started_at):
+        return
     try:
-        adv.advance(runtime, run_id, before=record, publisher=me, guessed=guessed)
+        adv.record(runtime, task_id, task.name, ok, value, me, started_at)
     except Exception:
         # Never let Celery ack a message whose result we could not record: die, and the
         # message is redelivered (and the sweeper re-dispatches the attempt).

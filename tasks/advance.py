@@ -181,6 +181,35 @@ def _decide(runtime: Runtime, conn: Connection, run: Any, publisher: str | None,
     return out, inst, decision.status
 
 
+def record(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, publisher: str,
+           started_at: Any, *, try_guess: bool = True, hand_over: bool = True) -> None:
+    """Record an attempt's outcome and advance its run: in one round trip when this process's
+    cached generator can decide (:func:`guess`, PostgreSQL), else the usual path (lock, record,
+    decide, commit), which gets the generator's decision when :func:`guess` hands one over.
+    Database errors past the usual path's retries propagate: the caller must not ack then.
+    ``try_guess`` / ``hand_over`` off: the older, slower ways (for ``bench/hotpath.py``)."""
+    run_id = rt.run_of_task(task_id)
+    guessed: Guessed | None = None
+    if try_guess and not runtime.store.sqlite:
+        try:
+            got = guess(runtime, task_id, task_name, ok, value, publisher, started_at)
+            if got is True:
+                return
+            if isinstance(got, Guessed) and hand_over:
+                guessed = got
+        except Exception as exc:  # the usual path retries, and its guard sees whether this one committed
+            runtime.cache.take(run_id)
+            log.warning("baton: recording %s in one round trip failed, taking the usual path: %s", task_id, exc)
+    # What the cached generator (or the one that guessed) lacks, read with the record.
+    after = guessed.seq if guessed is not None else runtime.cache.seq_of(run_id)
+
+    def before(conn: Connection) -> Any:
+        return rec.record_attempt(conn, runtime.store, task_id, ok, value, utcnow(), publisher, started_at, after,
+                                  runtime.fans)
+
+    advance(runtime, run_id, before=before, publisher=publisher, guessed=guessed)
+
+
 def guess(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, publisher: str,
           started_at: Any) -> bool | Guessed:
     """Record an attempt's outcome and advance its run in one round trip (PostgreSQL), when this
