@@ -116,6 +116,12 @@ class Env:
         return self
 
     def close(self) -> None:
+        # The bare side's result backend keeps every AsyncResult it was handed until its task is
+        # ready; one not collected by then unsubscribes during interpreter shutdown (a traceback).
+        backend = self.bare_ns.app.backend if getattr(self, "bare_ns", None) is not None else None
+        for waiters in list(getattr(backend, "_pending_results", ({},))[0].values()):
+            for result in list(waiters.values()):
+                backend.remove_pending_result(result)
         for w in (self.baton_w, self.bare_w):
             if w is not None:
                 w.stop()
