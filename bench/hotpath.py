@@ -3,8 +3,10 @@
 Starts a ``bench_seq`` run of ``--steps`` steps on a fresh PostgreSQL schema (or SQLite file), then
 plays the worker's part in a loop: for the step's scheduled attempt, ``task_postrun``'s work
 (record the result, advance the cached generator, commit, publish the next attempt to Redis).
-Prints wall and CPU time per step, and with ``--profile`` the top functions by cumulative time
-(cProfile). Nothing consumes the published messages: the queue is purged at the end.
+Prints wall and CPU time per step, with ``--profile`` the top functions by cumulative time
+(cProfile), and with ``--split`` the CPU per step of each part of the step (this thread's CPU,
+without cProfile's overhead per call). Nothing consumes the published messages: the queue is
+purged at the end.
 
 Run: ``.venv/bin/python bench/hotpath.py [--store pg|sqlite] [--steps 500] [--profile]``.
 """
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--top", type=int, default=35)
+    ap.add_argument("--split", action="store_true", help="CPU per step of each part of the step (no cProfile)")
     ap.add_argument("--sent-events", action="store_true", help="publish task-sent events too")
     ap.add_argument("--no-guess", action="store_true", help="PostgreSQL: always lock, then decide (two round trips)")
     ap.add_argument("--no-handoff", action="store_true",
@@ -62,6 +65,7 @@ def main() -> None:
     else:
         url = f"sqlite:///{tempfile.mkdtemp()}/hot.db"
     queue = f"hot{uuid.uuid4().hex[:6]}"
+    split = _split() if args.split else None
     ns = build_baton(args.redis, url, queue)
     runtime = ns.baton.runtime
     runtime.app.conf.task_send_sent_event = args.sent_events
@@ -96,6 +100,8 @@ def main() -> None:
                     v = os.environ["HOT_PREP"]
                     c.connection.driver_connection.prepare_threshold = None if v == "none" else int(v)
         b0 = cpu_seconds([backend]) if backend else 0.0
+        if split is not None:
+            split.clear()  # count the measured steps only
         w0, c0 = time.perf_counter(), time.process_time()
         if prof:
             prof.enable()
@@ -114,6 +120,9 @@ def main() -> None:
               f"(cache hits {runtime.cache.hits}, misses {runtime.cache.misses}); the ending step "
               f"{1000 * ending:.1f} ms"
               + (f"; PostgreSQL backend CPU {1000 * pg_cpu / n:.3f} ms/step" if backend else ""))
+        if split is not None:
+            for name, (calls, seconds) in sorted(split.items(), key=lambda kv: -kv[1][1]):
+                print(f"  {name:38s} {1000 * seconds / n:7.3f} ms CPU/step  ({calls / n:.2f} calls/step)")
         if prof:
             pstats.Stats(prof).sort_stats("cumulative").print_stats(args.top)
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
@@ -123,6 +132,37 @@ def main() -> None:
         if args.store == "pg":
             with admin.connect() as c:
                 c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+
+
+def _split() -> dict[str, list[float]]:
+    """Wrap the parts of a step to add up their calls and this thread's CPU (``--split``); nested
+    parts count inside their callers too."""
+    import functools
+
+    from persistence import hot
+    from persistence import recording as rec
+    from sdk.replay import Instance
+    from tasks import dispatch
+
+    totals: dict[str, list[float]] = {}
+    parts = [(adv, "record", "record (all of it)"), (adv, "guess", "guess: decide before the lock, commit"),
+             (Instance, "activate", "engine: activate"), (rec, "commit_guessed", "commit_guessed (rows + write)"),
+             (hot, "write", "hot.write (driver pipeline + COMMIT)"), (adv, "_decide", "usual path: _decide"),
+             (rec, "record_attempt", "usual path: lock + record"), (dispatch, "publish", "publish (kombu send_task)")]
+    for owner, attr, label in parts:
+        fn = getattr(owner, attr)
+
+        def timed(*a: object, _fn=fn, _label=label, **k: object) -> object:
+            t0 = time.thread_time()
+            try:
+                return _fn(*a, **k)
+            finally:
+                entry = totals.setdefault(_label, [0, 0.0])
+                entry[0] += 1
+                entry[1] += time.thread_time() - t0
+
+        setattr(owner, attr, functools.wraps(fn)(timed))
+    return totals
 
 
 if __name__ == "__main__":
