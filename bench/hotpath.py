@@ -107,9 +107,9 @@ def main() -> None:
             prof.enable()
         for i in range(warm, args.steps - 1):
             step(i)
-        e0 = time.perf_counter()
+        e0, t0 = time.perf_counter(), time.thread_time()
         step(args.steps - 1)  # the run's ending
-        ending = time.perf_counter() - e0
+        ending, ending_cpu = time.perf_counter() - e0, time.thread_time() - t0
         if prof:
             prof.disable()
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
@@ -118,7 +118,7 @@ def main() -> None:
         assert handle.status() == "completed", handle.info()
         print(f"{args.store}: {n} steps, wall {1000 * wall / n:.3f} ms/step, CPU {1000 * cpu / n:.3f} ms/step "
               f"(cache hits {runtime.cache.hits}, misses {runtime.cache.misses}); the ending step "
-              f"{1000 * ending:.1f} ms"
+              f"{1000 * ending:.1f} ms ({1000 * ending_cpu:.1f} ms CPU)"
               + (f"; PostgreSQL backend CPU {1000 * pg_cpu / n:.3f} ms/step" if backend else ""))
         if split is not None:
             for name, (calls, seconds) in sorted(split.items(), key=lambda kv: -kv[1][1]):
