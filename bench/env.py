@@ -180,18 +180,20 @@ class Env:
         return env
 
     def start_baton(self) -> Worker:
-        if self.baton_w is not None:
-            self.baton_w.stop()
-        self.baton_w = Worker("baton", self.baton_env(), self.queue, self.tmp, self.pool, self.concurrency).start()
-        warm_baton(self)
+        self.baton_w = self._start("baton", self.baton_w, self.baton_env(), warm_baton)
         return self.baton_w
 
     def start_bare(self) -> Worker:
-        if self.bare_w is not None:
-            self.bare_w.stop()
-        self.bare_w = Worker("bare", self.bare_env(), self.queue, self.tmp, self.pool, self.concurrency).start()
-        warm_bare(self)
+        self.bare_w = self._start("bare", self.bare_w, self.bare_env(), warm_bare)
         return self.bare_w
+
+    def _start(self, side: str, old: Worker | None, env: dict[str, str], warm: Callable[[Env], Any]) -> Worker:
+        """(Re)start one side's worker and warm it up."""
+        if old is not None:
+            old.stop()
+        worker = Worker(side, env, self.queue, self.tmp, self.pool, self.concurrency).start()
+        warm(self)
+        return worker
 
 
 # ---------------------------------------------------------------- Baton client helpers
