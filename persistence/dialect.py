@@ -131,3 +131,14 @@ def make_engine(url: str, *, writer: bool) -> Engine:
             raise exc.DisconnectionError(f"stale connection: {err}") from err
 
     return engine
+
+
+def insert_ignoring(conn: Any, table: Any, keys: list[Any]) -> Any:
+    """``INSERT ... ON CONFLICT (keys) DO NOTHING`` in the connection's dialect (both have it)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing(index_elements=keys)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing(index_elements=keys)

@@ -249,13 +249,18 @@ class Store:
     def create_run(self, conn: Connection, *, run_id: str, workflow_id: str, workflow: str, args_json: str,
                    kwargs_json: str, parent: tuple[str, int, int] | None = None,
                    previous_run_id: str | None = None, forked: tuple[str, int] | None = None,
-                   history: list[Event] | None = None) -> None:
-        """Insert a run and its history (a ``started`` event, or a fork's copied prefix)."""
+                   history: list[Event] | None = None, if_new: bool = False) -> bool:
+        """Insert a run and its history (a ``started`` event, or a fork's copied prefix).
+
+        ``if_new``: insert nothing and return False if ``run_id`` exists (``ON CONFLICT DO
+        NOTHING``: a concurrent start of the same id waits for the other's commit, then yields).
+        """
         now = utcnow()
         events = history or [Event(1, "started", payload={"workflow": workflow,
                                                           "args": serde.loads(args_json),
                                                           "kwargs": serde.loads(kwargs_json)})]
-        conn.execute(insert(runs).values(
+        stmt = dialect.insert_ignoring(conn, runs, [runs.c.run_id]).returning(runs.c.run_id) if if_new else insert(runs)
+        inserted = conn.execute(stmt.values(
             run_id=run_id, workflow_id=workflow_id, workflow=workflow, status=RunStatus.RUNNING.value,
             args=args_json, kwargs=kwargs_json, parent_run_id=parent[0] if parent else None,
             parent_step=parent[1] if parent else None, parent_slot=parent[2] if parent else None,
@@ -263,11 +268,19 @@ class Store:
             fork_step=forked[1] if forked else None, last_seq=len(events), decided_seq=0,
             needs_advance=True, advance_requested_at=now, created_at=now, updated_at=now,
         ))
+        if if_new and inserted.first() is None:
+            return False
         conn.execute(insert(events_t), [
             {"run_id": run_id, "seq": i + 1, "kind": e.kind, "step": e.step, "slot": e.slot, "name": e.name,
              "key": e.key, "payload": serde.dumps(e.payload, "event", None), "at": e.at or now}
             for i, e in enumerate(events)
         ])
+        return True
+
+    def id_taken(self, conn: Connection, workflow_id: str) -> bool:
+        """Whether a run has this id, or a continue-as-new chain this workflow id."""
+        q = select(runs.c.run_id).where((runs.c.run_id == workflow_id) | (runs.c.workflow_id == workflow_id))
+        return conn.execute(q.limit(1)).first() is not None
 
     def copy_checkpoints(self, conn: Connection, source: str, target: str, up_to_step: int) -> None:
         """Give a fork the original's checkpoints of steps 1..k (so both stay inspectable)."""

@@ -182,21 +182,16 @@ class Runtime:
 
     # ------------------------------------------------------------ client operations
     def create_run(self, wid: str, workflow: str, args_json: str, kwargs_json: str) -> bool:
-        """Insert a run (False if the id exists), then ask a worker to advance it."""
+        """Insert a run (False if the id is taken), then ask a worker to advance it.
+
+        One transaction of three statements; a concurrent start of the same id loses the
+        insert's conflict and returns False, it does not raise."""
         store = self.store
-        if store.latest_run(wid) is not None:
-            return False
-        try:
-            with store.tx() as conn:
-                if store.get_run(wid, conn) is not None:
-                    return False
-                store.create_run(conn, run_id=wid, workflow_id=wid, workflow=workflow, args_json=args_json,
-                                 kwargs_json=kwargs_json)
-        except Exception as exc:  # a concurrent start with the same id won the insert
-            if store.get_run(wid) is not None:
-                log.debug("start of %s raced another start: %s", wid, exc)
+        with store.tx() as conn:
+            if store.id_taken(conn, wid) or not store.create_run(
+                    conn, run_id=wid, workflow_id=wid, workflow=workflow, args_json=args_json,
+                    kwargs_json=kwargs_json, if_new=True):
                 return False
-            raise
         dispatch.advance_runs(self, [wid])
         return True
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from sdk import ActivityError, WorkflowAlreadyStarted, WorkflowFailed
@@ -91,6 +94,24 @@ def test_idempotent_start(cluster: Cluster) -> None:
     assert len(cluster.baton.list(workflow="sequence")) == 1
     with pytest.raises(WorkflowAlreadyStarted, match="ticket-42"):
         cluster.ns.fanout.start(3, workflow_id="ticket-42")
+
+
+def test_concurrent_starts_of_one_id_make_one_run(cluster: Cluster) -> None:
+    """Eight clients starting the same workflow id at once: one run, one history, no error."""
+    cluster.start_worker()
+    gate = threading.Barrier(8)
+
+    def start(_: int) -> str:
+        gate.wait(timeout=10)
+        return str(cluster.ns.sequence.start(2, workflow_id="race-7").id)
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(start, range(8)))
+    assert ids == ["race-7"] * 8
+    run = cluster.baton.get("race-7")
+    assert run.result(timeout=30) == 2
+    assert [e.kind for e in run.history()].count("started") == 1
+    assert len(cluster.baton.list(workflow="sequence")) == 1
 
 
 def test_checkpoint_position_and_locals(cluster: Cluster) -> None:
