@@ -10,8 +10,8 @@ value, not 5 GB.
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import types
 from collections.abc import Generator
 from typing import Any
@@ -42,14 +42,39 @@ def position(gen: Generator[Any, Any, Any]) -> dict[str, Any]:
     return {"file": frame.f_code.co_filename, "line": frame.f_lineno, "function": frame.f_code.co_name}
 
 
-def _safe(value: Any) -> Any:
+# One encoder, reused: ``json.dumps`` with any option builds a new one per call. Same output
+# as ``json.dumps(value, allow_nan=False)``; the sizes below are of that text.
+_encode = json.JSONEncoder(allow_nan=False).encode
+_OVER_BUDGET_CHARS = len(_encode(OVER_BUDGET))
+_REDACTED = "<redacted>"
+_REDACTED_CHARS = len(_encode(_REDACTED))
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_chars(name: str) -> int:
+    return len(_encode(name))
+
+
+def _safe(value: Any) -> tuple[Any, int]:
+    """The value as the store will hold it, and the length of its JSON text."""
+    kind = type(value)
+    if value is None or kind is bool:
+        return value, 4 if value is None or value else 5  # null, true, false
     try:
-        text = json.dumps(value, allow_nan=False)
+        text = str(value) if kind is int else _encode(value)  # int: ValueError past CPython's digit limit
     except (TypeError, ValueError, RecursionError):
-        return _repr(value)
+        return _safe_repr(value)
     if len(text) > MAX_VALUE_CHARS:
-        return _repr(value)
-    return json.loads(text)  # a snapshot in the store's own terms (int keys become str, tuples lists)
+        return _safe_repr(value)
+    if kind is int or kind is str:
+        return value, len(text)
+    # a snapshot in the store's own terms (int keys become str, tuples lists)
+    return json.loads(text), len(text)
+
+
+def _safe_repr(value: Any) -> tuple[str, int]:
+    text = _repr(value)
+    return text, len(_encode(text))
 
 
 def _repr(value: Any) -> str:
@@ -72,15 +97,12 @@ def snapshot_locals(
     names = [n for n in frame.f_locals if not n.startswith(".")]  # ".0" etc. are comprehension internals
     # Every name is listed; room for a marker per name is reserved first, so the whole view
     # (JSON punctuation included) stays under the cap whatever the values are.
-    marker = {n: len(json.dumps(n)) + len(json.dumps(OVER_BUDGET)) + 2 for n in names}
-    budget = MAX_CHECKPOINT_CHARS - sum(marker.values()) - 2
+    budget = MAX_CHECKPOINT_CHARS - sum(_name_chars(n) + _OVER_BUDGET_CHARS + 2 for n in names) - 2
     out: dict[str, Any] = {}
     for name in names:
         value = frame.f_locals[name]
-        safe = "<redacted>" if name in redact else _safe(value)
-        if isinstance(safe, float) and not math.isfinite(safe):
-            safe = _repr(safe)
-        extra = len(json.dumps(safe)) - len(json.dumps(OVER_BUDGET))
+        safe, chars = (_REDACTED, _REDACTED_CHARS) if name in redact else _safe(value)
+        extra = chars - _OVER_BUDGET_CHARS
         if extra > budget:
             out[name] = OVER_BUDGET
             continue

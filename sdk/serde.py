@@ -42,6 +42,11 @@ def _find_bad(value: Any, path: str) -> tuple[str, str] | None:
     return (path, type(value).__name__)
 
 
+# ``json.dumps`` with options builds an encoder per call; this one is built once (encoding is
+# stateless, so threads may share it).
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def dumps(value: Any, what: str, max_bytes: int | None = DEFAULT_MAX_PAYLOAD) -> str:
     """Encode ``value`` as JSON text or raise ``SerializationError`` naming ``what``."""
     bad = _find_bad(value, "")
@@ -52,7 +57,7 @@ def dumps(value: Any, what: str, max_bytes: int | None = DEFAULT_MAX_PAYLOAD) ->
             f"{what}{at} is a {kind}, which JSON cannot carry; pass plain data "
             "(dict, list, str, int, float, bool, None), e.g. convert it with str() or .isoformat()"
         )
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    text = _compact(value)
     if max_bytes is not None and len(text) > max_bytes and len(text.encode()) > max_bytes:
         raise SerializationError(
             f"{what} is {len(text.encode()):,} bytes of JSON, over the {max_bytes:,}-byte payload limit; "
@@ -68,7 +73,7 @@ def dumps_known(value: Any, what: str) -> str:
     JSON round-trips): no walk of the value first. Anything JSON refuses still gets
     :func:`dumps`' error naming ``what``."""
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return _compact(value)
     except (TypeError, ValueError):
         return dumps(value, what, None)
 

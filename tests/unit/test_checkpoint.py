@@ -253,3 +253,25 @@ def test_a_checkpoint_is_a_snapshot_not_a_view():
     d = started().replay(grows)
 
     assert [c.locals["items"] for c in d.checkpoints] == [[1], [1, 2]]
+
+
+def _reference_safe(value):
+    """The plain definition the snapshot must match: a JSON round trip, else a capped repr."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return cp._repr(value)
+    return cp._repr(value) if len(text) > cp.MAX_VALUE_CHARS else json.loads(text)
+
+
+def test_each_local_is_snapshotted_as_a_json_round_trip_with_its_size_counted_exactly():
+    cyclic: list = []
+    cyclic.append(cyclic)
+    values = [None, True, False, 0, -7, 10**1999, 10**2000, 10**5000, 1.5, math.nan, -math.inf, "", "é\u2028\"",
+              "x" * 1998, "x" * 1999, (1, [2, 3]), {1: "a", "b": None}, {"t": (1, 2)}, cyclic, Opaque(), Broken(),
+              {1, 2}, b"bytes", RunStatus.RUNNING]
+    for value in values:
+        safe, chars = cp._safe(value)
+        expected = _reference_safe(value)
+        assert safe == expected and type(safe) is type(expected), (value, safe, expected)
+        assert chars == len(json.dumps(safe)), (value, chars)
