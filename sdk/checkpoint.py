@@ -56,10 +56,17 @@ def _name_chars(name: str) -> int:
 
 
 def _safe(value: Any) -> tuple[Any, int]:
-    """The value as the store will hold it, and the length of its JSON text."""
+    """The value as the store will hold it, and the length of its JSON text.
+
+    A value whose JSON is certainly over the cap (a long string, a big container: an agent's
+    growing conversation) is found so by :func:`_at_least` without being encoded, and its repr
+    is built only as far as the cap: a snapshot costs what the caps allow, not what the locals
+    weigh."""
     kind = type(value)
     if value is None or kind is bool:
         return value, 4 if value is None or value else 5  # null, true, false
+    if _at_least(value, MAX_VALUE_CHARS) > MAX_VALUE_CHARS:
+        return _safe_repr(value)
     try:
         text = str(value) if kind is int else _encode(value)  # int: ValueError past CPython's digit limit
     except (TypeError, ValueError, RecursionError):
@@ -72,6 +79,33 @@ def _safe(value: Any) -> tuple[Any, int]:
     return json.loads(text), len(text)
 
 
+def _at_least(value: Any, limit: int) -> int:
+    """A lower bound on the length of ``value``'s JSON text, counted only until it passes
+    ``limit``: every item visited adds at least one character, so about ``limit`` items at most
+    are visited, however large the value. A type JSON refuses counts as one character (its
+    encoding fails later)."""
+    total = 0
+    todo = [value]
+    while todo and total <= limit:
+        v = todo.pop()
+        if isinstance(v, str):
+            total += len(v) + 2  # the quotes; escapes only add
+        elif isinstance(v, list | tuple):
+            total += 2 * len(v) or 2  # brackets, and ", " between items
+            if total <= limit:
+                todo.extend(v)
+        elif isinstance(v, dict):
+            total += 6 * len(v) or 2  # braces, and per entry a key's quotes, ": " and ", "
+            if total <= limit:
+                for k, item in v.items():
+                    if isinstance(k, str):
+                        total += len(k)
+                    todo.append(item)
+        else:
+            total += 1
+    return total
+
+
 def _safe_repr(value: Any) -> tuple[str, int]:
     text = _repr(value)
     return text, len(_encode(text))
@@ -79,12 +113,55 @@ def _safe_repr(value: Any) -> tuple[str, int]:
 
 def _repr(value: Any) -> str:
     try:
-        text = repr(value)
+        text = _repr_head(value, MAX_REPR_CHARS + 1)
     except Exception as exc:  # a broken __repr__ must not break the run
         text = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
     if len(text) > MAX_REPR_CHARS:
         text = text[: MAX_REPR_CHARS - 3] + "..."
     return text
+
+
+_BRACKETS: dict[type, tuple[str, str]] = {list: ("[", "]"), tuple: ("(", ")"), dict: ("{", "}"), set: ("{", "}"),
+                                          frozenset: ("frozenset({", "})")}
+
+
+def _repr_head(value: Any, need: int, active: frozenset[int] = frozenset()) -> str:
+    """The start of ``repr(value)``, at least ``need`` characters of it where it is that long,
+    built without the rest: the repr of a 10 MB list costs what its first items do. Builtin
+    containers and strings only (a subclass may have its own repr); a long string's quotes are
+    chosen from its first characters. ``active``: the containers being written (one inside
+    itself is written ``[...]``, as ``repr`` does)."""
+    kind = type(value)
+    if kind is str:
+        return repr(value[:need])
+    if kind not in _BRACKETS or not value:
+        return repr(value)
+    opening, closing = _BRACKETS[kind]
+    if id(value) in active:
+        return opening[-1] + "..." + closing[0]
+    inner = active | {id(value)}
+    out, size = [opening], len(opening)
+
+    def add(text: str) -> bool:  # True once ``need`` characters are written
+        nonlocal size
+        out.append(text)
+        size += len(text)
+        return size >= need
+
+    for i, item in enumerate(value.items() if kind is dict else value):
+        if i and add(", "):
+            break
+        if kind is dict:
+            if add(_repr_head(item[0], need - size, inner)) or add(": "):
+                break
+            item = item[1]
+        if add(_repr_head(item, need - size, inner)):
+            break
+    else:
+        if kind is tuple and len(value) == 1:
+            out.append(",")
+        out.append(closing)
+    return "".join(out)
 
 
 def snapshot_locals(

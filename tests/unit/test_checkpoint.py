@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
+import random
 
 from sdk import checkpoint as cp
 from sdk import now, serde
@@ -275,3 +277,83 @@ def test_each_local_is_snapshotted_as_a_json_round_trip_with_its_size_counted_ex
         expected = _reference_safe(value)
         assert safe == expected and type(safe) is type(expected), (value, safe, expected)
         assert chars == len(json.dumps(safe)), (value, chars)
+
+
+def _plain_repr(value):
+    """The plain definition of a capped repr: the whole ``repr``, then cut."""
+    try:
+        text = repr(value)
+    except Exception as exc:
+        text = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
+    return text if len(text) <= cp.MAX_REPR_CHARS else text[: cp.MAX_REPR_CHARS - 3] + "..."
+
+
+def _random_value(rng: random.Random, depth: int = 0):
+    r = rng.random()
+    if depth > 3 or r < 0.35:
+        return rng.choice([0, -7, 2.5, None, True, False, "s" * rng.randint(0, 900), "it's", 'a"b', "é",
+                           b"raw", Opaque(), math.inf])
+    if r < 0.55:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 40))]
+    if r < 0.65:
+        return tuple(_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3)))
+    if r < 0.72:
+        return {rng.randint(0, 9) for _ in range(rng.randint(0, 5))}
+    if r < 0.8:
+        return {rng.randint(0, 99): _random_value(rng, depth + 1) for _ in range(rng.randint(0, 6))}
+    return {str(rng.randint(0, 99)) * rng.randint(1, 30): _random_value(rng, depth + 1)
+            for _ in range(rng.randint(0, 8))}
+
+
+def test_random_locals_are_snapshotted_and_repred_as_the_plain_definitions_say():
+    rng = random.Random(20261127)
+    cyclic_dict: dict = {}
+    cyclic_dict["me"] = cyclic_dict
+    inner: list = []
+    outer = (inner,)
+    inner.append(outer)
+    values = [_random_value(rng) for _ in range(3_000)] + [
+        cyclic_dict, outer, (1,), frozenset({1}), frozenset(), set(), collections.OrderedDict(a=[1] * 300),
+        collections.namedtuple("Point", "x y")(1, [2] * 300), collections.defaultdict(list, {"k": [1] * 900})]
+    for value in values:
+        assert cp._repr(value) == _plain_repr(value), value
+        safe, chars = cp._safe(value)
+        expected = _reference_safe(value)
+        assert safe == expected and type(safe) is type(expected), (value, safe, expected)
+        assert chars == len(json.dumps(safe)), (value, chars)
+
+
+class Counted:
+    calls = 0
+
+    def __repr__(self) -> str:
+        Counted.calls += 1
+        return "<counted>"
+
+
+def test_a_snapshot_costs_what_the_caps_allow_not_what_the_locals_weigh(monkeypatch):
+    """An agent's conversation grows in a local for thousands of steps: its snapshot at each step
+    must not encode or repr all of it (it is stored as a 200-character repr either way)."""
+    encoded: list[int] = []
+    plain_encode = cp._encode
+
+    def measured(value):
+        text = plain_encode(value)
+        encoded.append(len(text))
+        return text
+
+    monkeypatch.setattr(cp, "_encode", measured)
+    Counted.calls = 0
+
+    @workflow
+    def agent():
+        messages = [{"role": "assistant", "content": "r" * 2_000} for _ in range(5_000)]
+        handles = [Counted() for _ in range(100_000)]
+        yield sig("t.x", len(messages), len(handles))
+
+    ck = checkpoint_of(agent)
+
+    assert ck.locals["messages"] == _plain_repr([{"role": "assistant", "content": "r" * 2_000}])
+    assert ck.locals["handles"].startswith("[<counted>, <counted>") and ck.locals["handles"].endswith("...")
+    assert Counted.calls < 50, f"{Counted.calls:,} items repred for a 200-character repr"
+    assert encoded and max(encoded) <= cp.MAX_VALUE_CHARS, f"encoded {max(encoded):,} characters of a local"
