@@ -229,8 +229,9 @@ def _task_rows(rid: str, d: Decision, now: datetime, publisher: str | None, out:
         tid = task_id(rid, a.step, a.slot, a.attempt)
         inline = a.not_before is None or a.not_before <= now
         rows.append({"id": tid, "run_id": rid, "step": a.step, "slot": a.slot, "attempt": a.attempt,
-                     "task": a.task, "args": serde.dumps(a.args, "args", None),
-                     "kwargs": serde.dumps(a.kwargs, "kwargs", None),
+                     "task": a.task,
+                     "args": a.args_json if a.args_json is not None else serde.dumps(a.args, "args", None),
+                     "kwargs": a.kwargs_json if a.kwargs_json is not None else serde.dumps(a.kwargs, "kwargs", None),
                      "options": serde.dumps(a.options, "options", None), "timeout": a.timeout,
                      "state": "scheduled", "worker": publisher, "dispatches": 1 if inline else 0,
                      "not_before": a.not_before, "created_at": now, "published_at": now if inline else None})

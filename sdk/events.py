@@ -83,6 +83,9 @@ class ActivityTask:
     options: dict[str, Any]
     timeout: float | None = None
     not_before: datetime | None = None
+    # args and kwargs as JSON, when the engine encoded them already (checking them at the yield)
+    args_json: str | None = field(default=None, compare=False, repr=False)
+    kwargs_json: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import SerializationError
 
@@ -48,16 +48,20 @@ _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 
 
 def dumps(value: Any, what: str, max_bytes: int | None = DEFAULT_MAX_PAYLOAD) -> str:
-    """Encode ``value`` as JSON text or raise ``SerializationError`` naming ``what``."""
-    bad = _find_bad(value, "")
-    if bad is not None:
-        where, kind = bad
-        at = f" at {where}" if where else ""
-        raise SerializationError(
-            f"{what}{at} is a {kind}, which JSON cannot carry; pass plain data "
-            "(dict, list, str, int, float, bool, None), e.g. convert it with str() or .isoformat()"
-        )
-    text = _compact(value)
+    """Encode ``value`` as JSON text or raise ``SerializationError`` naming ``what``.
+
+    The C encoder goes first and refuses most of what JSON cannot carry (other types, NaN, a
+    value inside itself); :func:`_str_keys` then looks for the one change it makes silently
+    (a non-string key would come back a string). The slower walk that names the offending
+    part runs only for a value already refused, so a large argument costs one encode and one
+    pass over its containers, not a path string per item."""
+    try:
+        text: str | None = _compact(value)
+    except (TypeError, ValueError, RecursionError):
+        text = None
+    if text is None or not _str_keys(value):
+        _refuse(value, what)
+    assert text is not None
     if max_bytes is not None and len(text) > max_bytes and len(text.encode()) > max_bytes:
         raise SerializationError(
             f"{what} is {len(text.encode()):,} bytes of JSON, over the {max_bytes:,}-byte payload limit; "
@@ -65,6 +69,48 @@ def dumps(value: Any, what: str, max_bytes: int | None = DEFAULT_MAX_PAYLOAD) ->
             "or raise the limit with Baton(app, max_payload_bytes=...)"
         )
     return text
+
+
+def dumps_args(args: list[Any], kwargs: dict[str, Any], what: str, max_bytes: int | None) -> tuple[str, str]:
+    """``args`` and ``kwargs`` as the two JSON texts a task row stores, checked as
+    ``dumps([args, kwargs], what, max_bytes)`` would check them (same errors, same size),
+    so that a step's arguments are encoded once, not once to check and again to store."""
+    try:
+        texts = dumps(args, what, None), dumps(kwargs, what, None)
+    except SerializationError:
+        dumps([args, kwargs], what, max_bytes)  # raises, naming the path within both
+        raise
+    if max_bytes is not None and sum(len(t) for t in texts) + 3 > max_bytes:
+        dumps([args, kwargs], what, max_bytes)  # "[" args "," kwargs "]": raises if over
+    return texts
+
+
+def _str_keys(value: Any) -> bool:
+    """Whether every mapping in ``value`` (already encoded: no cycles) has only string keys."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            if not all(isinstance(k, str) for k in v):
+                return False
+            todo.extend(c for c in v.values() if isinstance(c, list | tuple | dict))
+        elif isinstance(v, list | tuple):
+            todo.extend(c for c in v if isinstance(c, list | tuple | dict))
+    return True
+
+
+def _refuse(value: Any, what: str) -> NoReturn:
+    try:
+        bad = _find_bad(value, "")
+    except RecursionError:
+        raise SerializationError(f"{what} is nested too deeply, or contains itself; pass plain data "
+                                 "(dict, list, str, int, float, bool, None) without cycles") from None
+    where, kind = bad if bad is not None else ("", "value")
+    at = f" at {where}" if where else ""
+    raise SerializationError(
+        f"{what}{at} is a {kind}, which JSON cannot carry; pass plain data "
+        "(dict, list, str, int, float, bool, None), e.g. convert it with str() or .isoformat()"
+    )
 
 
 def dumps_known(value: Any, what: str) -> str:

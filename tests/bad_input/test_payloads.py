@@ -15,6 +15,8 @@ from tests.chaos.flows_chaos import NS, build
 from tests.chaos.support import counter_url
 
 pytestmark = pytest.mark.bad_input
+CYCLIC: dict[str, Any] = {"name": "root"}
+CYCLIC["parent"] = CYCLIC
 
 
 def nothing_stored(ns: NS) -> None:
@@ -28,7 +30,8 @@ def nothing_stored(ns: NS) -> None:
     ({1: "int key"}, ["argument 'n'", "key 1", "int key"]),
     (math.nan, ["argument 'n'", "nan"]),
     ([b"bytes"], ["argument 'n'", "[0]", "bytes"]),
-], ids=["object", "nested-set", "int-key", "nan", "bytes"])
+    (CYCLIC, ["argument 'n'", "contains itself", "plain data"]),
+], ids=["object", "nested-set", "int-key", "nan", "bytes", "cyclic"])
 def test_argument_json_cannot_carry(offline: NS, value: Any, needles: list[str]) -> None:
     with pytest.raises(SerializationError) as err:
         offline.seq.start(value)

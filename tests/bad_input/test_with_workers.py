@@ -84,6 +84,19 @@ def test_results_json_cannot_carry_are_refused_at_the_source(workers: ChaosClust
         assert len(failed) == 1 and len(json.dumps(failed[0].payload)) < 10_000, "the refused value was stored"
 
 
+def test_values_that_contain_themselves_are_refused_and_the_worker_lives_on(workers: ChaosCluster) -> None:
+    """Before: the encoder's recursion escaped as a RecursionError, the worker exited so that the
+    message would be redelivered, and the redelivery killed the next worker the same way."""
+    alive = [p.pid for p in workers.alive()]
+    out = workers.ns.cyclic_values.start().result(timeout=60)
+    (result_type, result_msg), (arg_type, arg_msg) = out["caught"]
+    assert result_type == "SerializationError" and "return value of task 'c.cyclic'" in result_msg
+    assert "contains itself" in result_msg
+    assert arg_type == "SerializationError" and "arguments of c.add" in arg_msg and "contains itself" in arg_msg
+    assert out["total"] == 2
+    assert [p.pid for p in workers.alive()] == alive, "a worker died on the value"
+
+
 def test_bad_runs_fail_alone(workers: ChaosCluster) -> None:
     ns = workers.ns
     bad = {"yields_int": "cannot yield int 42", "yields_empty": "cannot yield an empty fan-out",

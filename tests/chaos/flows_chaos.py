@@ -23,6 +23,7 @@ from sdk import (
     Baton,
     Cancelled,
     RetryPolicy,
+    SerializationError,
     first,
     gather,
     sleep,
@@ -93,6 +94,12 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
     @app.task(name="c.unserialisable")
     def unserialisable() -> Any:
         return {"when": object()}
+
+    @app.task(name="c.cyclic")
+    def cyclic() -> Any:
+        tree: dict[str, Any] = {"name": "root"}
+        tree["parent"] = tree
+        return tree
 
     # ------------------------------------------------------------ the churn mix
     @workflow
@@ -189,6 +196,23 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
         except ActivityError as err:
             return {"caught": err.error_type, "message": err.message}
         return "unreachable"
+
+    @workflow
+    def cyclic_values():  # type: ignore[no-untyped-def]
+        """A result and an argument that contain themselves: refused, and the run goes on."""
+        caught = []
+        try:
+            yield cyclic.s()
+        except ActivityError as err:
+            caught.append([err.error_type, err.message])
+        loop: list[Any] = []
+        loop.append(loop)
+        try:
+            yield add.s(loop, 1)
+        except SerializationError as err:
+            caught.append(["SerializationError", str(err)])
+        total = yield add.s(1, 1)
+        return {"caught": caught, "total": total}
 
     @workflow
     def big_result(n: int):  # type: ignore[no-untyped-def]

@@ -265,3 +265,42 @@ def test_failures_rebuild_from_data():
 
     bare = error_from_dict({}, "t.x")
     assert isinstance(bare, ActivityError) and bare.task_name == "t.x" and bare.error_type == "Exception"
+
+
+def test_activity_arguments_that_contain_themselves_raise_at_the_yield():
+    @workflow
+    def looped():
+        tree = {"name": "root"}
+        tree["parent"] = tree
+        try:
+            yield sig("t.walk", tree)
+        except SerializationError as err:
+            return str(err)
+
+    d = started().replay(looped)
+
+    assert d.status is RunStatus.COMPLETED, d.error
+    assert d.result.startswith("arguments of t.walk at step 1 is nested too deeply, or contains itself")
+    assert d.activities == []
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "replayed"])
+def test_a_refused_yield_caught_by_the_workflow_replays_without_a_false_nondeterminism(cache):
+    """The refused yield consumed no step: on replay it meets the next step's record, and must
+    be refused (and thrown in) again, not taken for changed code."""
+    @workflow
+    def careful():
+        try:
+            yield sig("t.book", dt.date(2024, 1, 1))
+        except SerializationError:
+            pass
+        booked = yield sig("t.book", "2024-01-01")
+        return booked
+
+    sim = Sim(careful, cache=cache)
+    first = sim.decide()
+    assert [(a.step, a.args) for a in first.activities] == [(1, ["2024-01-01"])]
+    sim.complete(1, "ok")
+    d = sim.decide()
+
+    assert d.status is RunStatus.COMPLETED and d.result == "ok", d.error
