@@ -95,7 +95,22 @@ def build_baton(broker: str, database_url: str, queue: str = "bench", cache_size
         yield wait_signal("go")
         return i
 
-    return NS(app=app, baton=baton, noop=noop, seq=seq, fan=fan, long=long, parked=parked)
+    @app.task(name="bench.reply")
+    def reply(messages: list[Any], size: int) -> dict[str, str]:
+        """A stand-in model call: reads the conversation, answers ``size`` characters."""
+        return {"role": "assistant", "content": f"{len(messages)}:" + "r" * size}
+
+    @baton.workflow(name="bench_agent")
+    def agent(n: int, size: int = 2000, send_all: bool = True):  # type: ignore[no-untyped-def]
+        """An agent loop: the conversation grows by one reply per step and lives in a local; each
+        step's call gets the whole conversation (``send_all``) or only its last message."""
+        messages = [{"role": "user", "content": "u" * size}]
+        for _ in range(n):
+            answer = yield reply.s(messages if send_all else messages[-1:], size)
+            messages.append(answer)
+        return len(messages)
+
+    return NS(app=app, baton=baton, noop=noop, seq=seq, fan=fan, long=long, parked=parked, agent=agent)
 
 
 def per_process(make: Callable[[], Any]) -> Callable[[], Any]:

@@ -13,7 +13,9 @@ Scenarios (sizes in full mode; ``--quick`` shrinks them):
 4. ``hist``: per-step latency around steps 50, 500 and 5,000 of one long workflow, then a signal hop
    on a warm worker and one after a worker restart (cold resume: the whole history replayed);
 5. ``mem``: worker RSS while 10,000 runs pass through it (each parks on a signal, so the live
-   generator cache fills past its bound, then all are released).
+   generator cache fills past its bound, then all are released);
+6. ``agent``: per-step latency around steps 50, 1,000 and 2,000 of an agent loop whose conversation
+   grows by a 2,000-character reply per step in a local (Baton only: locals have no Celery twin).
 
 Run: ``.venv/bin/python bench/run.py [--quick] [--only seq,fan,...] [--store pg|sqlite] [--reps N]``.
 ``--json FILE`` also writes every measurement. Redis dbs 11 (Baton broker), 12 (bare broker) and
@@ -62,10 +64,11 @@ from bench.env import (  # noqa: E402
 )
 
 FULL = {"seq": 200, "fan": 1000, "thru_runs": 200, "thru_steps": 10, "hist": 5000, "points": (50, 500, 5000),
-        "mem": 10_000, "mem_batch": 500, "mem_cache": None, "reps": 5}
+        "mem": 10_000, "mem_batch": 500, "mem_cache": None, "agent": 2000, "reps": 5}
 QUICK = {"seq": 50, "fan": 200, "thru_runs": 20, "thru_steps": 10, "hist": 500, "points": (50, 500),
-         "mem": 400, "mem_batch": 100, "mem_cache": 50, "reps": 3}
-SCENARIOS = ("seq", "fan", "thru", "hist", "mem")
+         "mem": 400, "mem_batch": 100, "mem_cache": 50, "agent": 300, "reps": 3}
+SCENARIOS = ("seq", "fan", "thru", "hist", "mem", "agent")
+REPLY = 2000  # characters per reply in the agent scenario
 
 
 # ---------------------------------------------------------------- results
@@ -244,7 +247,7 @@ def _slope(times: dict[int, float]) -> float:
     return sum((x - mx) * (y - my) for x, y in pts) / var * 1000 if var else 0.0
 
 
-def replay_in_process(env: Env, run_id: str, profile: bool = False) -> tuple[float, float, int, str]:
+def replay_in_process(env: Env, run_id: str, profile: bool = False, wf: Any = None) -> tuple[float, float, int, str]:
     """Seconds to load a run's whole history, and to replay it in a fresh Instance, here; with
     ``profile``, also cProfile's top functions for the two together."""
     import cProfile
@@ -261,7 +264,7 @@ def replay_in_process(env: Env, run_id: str, profile: bool = False) -> tuple[flo
     t0 = time.perf_counter()
     events = store.events(run_id)
     t1 = time.perf_counter()
-    inst = Instance(env.baton_ns.long, run_id)
+    inst = Instance(wf or env.baton_ns.long, run_id)
     inst.activate(events, now=utcnow(), decided_seq=10**9)
     t2 = time.perf_counter()
     text = ""
@@ -336,6 +339,26 @@ def scen_hist(env: Env, size: dict[str, Any], reps: int, bare_too: bool = True) 
     rows.append(Row("4 history", f"cold resume after restart, {n}-step history (s)", cold, None, "< 0.5 s",
                     cold < 0.5, note=f"in-process: load {nev} events {load_s:.3f} s + replay {replay_s:.3f} s"))
     return rows
+
+
+def scen_agent(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
+    """An agent loop: one reply of ``REPLY`` characters per step appended to a conversation held
+    in a local (4 MB after 2,000 steps); each step's call gets the last message only."""
+    n = size["agent"]
+    h = env.baton_ns.agent.start(n, REPLY, False)
+    t0 = time.time()
+    wait_runs(env, [h.id], n * 0.5 + 60, interval=0.25)
+    times = step_times(env, h.id)
+    points = (50, n // 2, n)
+    at = {k: _window(times, k) for k in points}
+    load_s, replay_s, nev, _ = replay_in_process(env, h.id, wf=env.baton_ns.agent)
+    log(f"agent: {n} steps in {time.time() - t0:.1f}s; " + ", ".join(f"step {k}: {v:.2f} ms" for k, v in at.items())
+        + f"; replay of {nev} events: load {load_s:.3f} s + replay {replay_s:.3f} s")
+    ratio = at[n] / at[50]
+    return [Row("6 agent", f"ms per step around step {k} (conversation {k * REPLY / 1e6:.1f} MB)", at[k], None)
+            for k in points] + [
+        Row("6 agent", f"step {n} / step 50", None, None, "≤ 1.5", ratio <= 1.5, ratio=ratio),
+        Row("6 agent", f"load + replay of the {n}-step history in process (s)", load_s + replay_s, None)]
 
 
 def scen_mem(env: Env, size: dict[str, Any], reps: int) -> list[Row]:
@@ -527,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows += scen_hist(env, size, reps, bare_too=bare_hist)
             elif s == "mem":
                 rows += scen_mem(env, size, reps)
+            elif s == "agent":
+                rows += scen_agent(env, size, reps)
             log(f"{s} done in {time.time() - t:.0f}s")
     finally:
         env.close()
