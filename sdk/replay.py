@@ -248,8 +248,8 @@ class Instance:
                 and error.get("type") not in policy.non_retryable):
             nxt = attempt + 1
             cur.attempts[slot] = nxt
-            if (cur.number, slot, nxt) in self.attempts:
-                return  # replay: the retry was already scheduled
+            if self.attempts.pop((cur.number, slot, nxt), None) is not None:
+                return  # replay: the retry was already scheduled (its record taken, as a step's is)
             at = ev.at or self._now
             not_before = at + timedelta(seconds=policy.delay(attempt))
             self._emit(NewEvent("attempt_scheduled", cur.number, slot,
@@ -401,7 +401,9 @@ class Instance:
     def _check(self, k: int, desc: dict[str, Any]) -> Event | None:
         if self.gen is not None:
             self._last_pos = cp.position(self.gen)
-        rec = self.scheduled.get(k)
+        # Taken, not read: a step's record is compared once, here, so a live instance holds the
+        # records of the steps ahead of it only, not its whole history.
+        rec = self.scheduled.pop(k, None)
         if rec is None:
             return None
         recorded = rec.payload.get("command")
@@ -500,7 +502,6 @@ class Instance:
         payload = {"command": desc, "line": pos["line"], **extra}
         ev = NewEvent("step_scheduled", k, None, payload, key=f"step:{k}", name=step_label(desc))
         self._emit(ev)
-        self.scheduled[k] = Event(0, ev.kind, k, None, payload, self._now, ev.key)
         self._max_recorded_step = max(self._max_recorded_step, k)
         current = cp.snapshot_locals(self.gen, self.definition.redact)
         self._d.checkpoints.append(Checkpoint(k, pos, current, waiting or [], self._now))

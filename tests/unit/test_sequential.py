@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
+from sdk import RetryPolicy, step
 from sdk.events import ActivityTask, Checkpoint, RunStatus
 
 from .builder import T0, Sim, command, line_of, sig, started, step_event, workflow
@@ -192,3 +195,31 @@ def test_events_already_applied_are_skipped_when_fed_again():
     again = inst.activate(h.events, now=T0, decided_seq=2)
 
     assert again.events == [] and again.activities == [] and again.step == 2
+
+
+@pytest.mark.parametrize("workers", [1, 3], ids=["one-cache", "three-caches"])
+def test_a_live_instance_keeps_no_record_of_the_steps_it_has_passed(workers):
+    """A cached generator lives as long as its run: what it holds must not grow with the run's
+    length (a kilobyte per step once, so 5 MB at step 5,000, times the cache's 1,000 runs)."""
+    policy = RetryPolicy(max_attempts=3, initial_interval=0)
+
+    @workflow
+    def long_agent(n):
+        for i in range(n):
+            yield step(sig("t.call", i), retry=policy)
+        return n
+
+    sim = Sim(long_agent, 300, workers=workers)
+    sim.decide()
+    for k in range(1, 301):
+        if k % 50 == 0:
+            sim.fail(k)  # a retry: its attempt record is consumed too
+            sim.decide()
+        sim.complete(k, {"content": "x" * 100})
+        d = sim.decide()
+    assert d.status is RunStatus.COMPLETED and d.result == 300
+    live = [inst for inst in sim.caches if inst is not None]
+    assert live, "no instance was cached"
+    for inst in live:
+        assert inst.step >= 295  # caught up on the steps the other caches decided
+        assert len(inst.scheduled) + len(inst.attempts) == 0, (len(inst.scheduled), len(inst.attempts))
