@@ -477,8 +477,8 @@ class Instance:
             if isinstance(leaf, Activity):
                 args_json, kwargs_json = texts.get(slot, (None, None))
                 self._d.activities.append(ActivityTask(k, slot, 1, leaf.task, list(leaf.args), dict(leaf.kwargs),
-                                                       dict(leaf.options), leaf.timeout, None, args_json,
-                                                       kwargs_json))
+                                                       dict(leaf.options), leaf.timeout, args_json=args_json,
+                                                       kwargs_json=kwargs_json))
             elif isinstance(leaf, Child):
                 child = _child_id(self.run_id, k, slot, width)
                 extra["child"] = child

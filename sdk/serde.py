@@ -55,19 +55,8 @@ def dumps(value: Any, what: str, max_bytes: int | None = DEFAULT_MAX_PAYLOAD) ->
     (a non-string key would come back a string). The slower walk that names the offending
     part runs only for a value already refused, so a large argument costs one encode and one
     pass over its containers, not a path string per item."""
-    try:
-        text: str | None = _compact(value)
-    except (TypeError, ValueError, RecursionError):
-        text = None
-    if text is None or not _str_keys(value):
-        _refuse(value, what)
-    assert text is not None
-    if max_bytes is not None and len(text) > max_bytes and len(text.encode()) > max_bytes:
-        raise SerializationError(
-            f"{what} is {len(text.encode()):,} bytes of JSON, over the {max_bytes:,}-byte payload limit; "
-            "store large data elsewhere (a file, an object store) and pass a reference, "
-            "or raise the limit with Baton(app, max_payload_bytes=...)"
-        )
+    text, size = _checked(value, what)
+    _within(size, what, max_bytes)
     return text
 
 
@@ -76,13 +65,40 @@ def dumps_args(args: list[Any], kwargs: dict[str, Any], what: str, max_bytes: in
     ``dumps([args, kwargs], what, max_bytes)`` would check them (same errors, same size),
     so that a step's arguments are encoded once, not once to check and again to store."""
     try:
-        texts = dumps(args, what, None), dumps(kwargs, what, None)
+        (a, a_size), (k, k_size) = _checked(args, what), _checked(kwargs, what)
     except SerializationError:
-        dumps([args, kwargs], what, max_bytes)  # raises, naming the path within both
+        dumps([args, kwargs], what, None)  # raises, naming the path within both
         raise
-    if max_bytes is not None and sum(len(t) for t in texts) + 3 > max_bytes:
-        dumps([args, kwargs], what, max_bytes)  # "[" args "," kwargs "]": raises if over
-    return texts
+    _within(a_size + k_size + 3, what, max_bytes)  # "[" args "," kwargs "]"
+    return a, k
+
+
+def _checked(value: Any, what: str) -> tuple[str, int]:
+    """The JSON text of ``value`` and its size in UTF-8 bytes, or ``SerializationError``."""
+    try:
+        text: str | None = _compact(value)
+    except (TypeError, ValueError, RecursionError):
+        text = None
+    if text is None or not _str_keys(value):
+        _refuse(value, what)
+    assert text is not None
+    if text.isascii():
+        return text, len(text)
+    try:
+        return text, len(text.encode())
+    except UnicodeEncodeError as exc:  # a lone surrogate: no store, broker or driver takes it
+        raise SerializationError(
+            f"{what} holds a lone surrogate ({text[exc.start]!r}), which UTF-8 cannot carry; decode "
+            "bytes with errors='replace', or pass them as base64") from None
+
+
+def _within(size: int, what: str, max_bytes: int | None) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise SerializationError(
+            f"{what} is {size:,} bytes of JSON, over the {max_bytes:,}-byte payload limit; "
+            "store large data elsewhere (a file, an object store) and pass a reference, "
+            "or raise the limit with Baton(app, max_payload_bytes=...)"
+        )
 
 
 def _str_keys(value: Any) -> bool:

@@ -97,6 +97,16 @@ def test_values_that_contain_themselves_are_refused_and_the_worker_lives_on(work
     assert [p.pid for p in workers.alive()] == alive, "a worker died on the value"
 
 
+def test_a_result_with_a_lone_surrogate_is_refused_and_the_worker_lives_on(workers: ChaosCluster) -> None:
+    """A file name decoded with ``surrogateescape`` is valid JSON to Python's encoder but not
+    UTF-8: neither store's driver takes it. Refused at the source, like any result JSON cannot carry."""
+    alive = [p.pid for p in workers.alive()]
+    out = workers.ns.surrogate_result.start().result(timeout=60)
+    assert out["caught"] == "SerializationError"
+    assert "return value of task 'c.surrogate'" in out["message"] and "lone surrogate" in out["message"]
+    assert [p.pid for p in workers.alive()] == alive, "a worker died on the value"
+
+
 def test_bad_runs_fail_alone(workers: ChaosCluster) -> None:
     ns = workers.ns
     bad = {"yields_int": "cannot yield int 42", "yields_empty": "cannot yield an empty fan-out",

@@ -95,6 +95,10 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
     def unserialisable() -> Any:
         return {"when": object()}
 
+    @app.task(name="c.surrogate")
+    def surrogate() -> Any:
+        return {"listing": b"caf\xe9.txt".decode("utf-8", "surrogateescape")}  # a lone surrogate
+
     @app.task(name="c.cyclic")
     def cyclic() -> Any:
         tree: dict[str, Any] = {"name": "root"}
@@ -213,6 +217,14 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
             caught.append(["SerializationError", str(err)])
         total = yield add.s(1, 1)
         return {"caught": caught, "total": total}
+
+    @workflow
+    def surrogate_result():  # type: ignore[no-untyped-def]
+        try:
+            yield surrogate.s()
+        except ActivityError as err:
+            return {"caught": err.error_type, "message": err.message}
+        return "unreachable"
 
     @workflow
     def big_result(n: int):  # type: ignore[no-untyped-def]

@@ -304,3 +304,16 @@ def test_a_refused_yield_caught_by_the_workflow_replays_without_a_false_nondeter
     d = sim.decide()
 
     assert d.status is RunStatus.COMPLETED and d.result == "ok", d.error
+
+
+def test_the_payload_limit_counts_utf8_bytes_not_characters():
+    @workflow
+    def accented():
+        yield sig("t.x")
+        return "é" * 600  # 600 characters, 1,202 bytes of JSON
+
+    sim = Sim(accented, max_payload=1_000)
+    sim.decide()
+    sim.complete(1)
+    d = sim.decide()
+    assert d.status is RunStatus.FAILED and "1,202 bytes of JSON, over the 1,000-byte" in d.error["message"]
