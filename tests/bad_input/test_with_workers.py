@@ -101,7 +101,7 @@ def test_a_result_with_a_lone_surrogate_is_refused_and_the_worker_lives_on(worke
     """A file name decoded with ``surrogateescape`` is valid JSON to Python's encoder but not
     UTF-8: neither store's driver takes it. Refused at the source, like any result JSON cannot carry."""
     alive = [p.pid for p in workers.alive()]
-    out = workers.ns.surrogate_result.start().result(timeout=60)
+    out = workers.ns.bad_result.start("c.surrogate").result(timeout=60)
     assert out["caught"] == "SerializationError"
     assert "return value of task 'c.surrogate'" in out["message"] and "lone surrogate" in out["message"]
     assert [p.pid for p in workers.alive()] == alive, "a worker died on the value"

@@ -194,9 +194,10 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
         return "unreachable"
 
     @workflow
-    def bad_result():  # type: ignore[no-untyped-def]
+    def bad_result(task: str = "c.unserialisable"):  # type: ignore[no-untyped-def]
+        """A task whose result is refused at the source: the run catches the failure."""
         try:
-            yield unserialisable.s()
+            yield app.signature(task)
         except ActivityError as err:
             return {"caught": err.error_type, "message": err.message}
         return "unreachable"
@@ -217,14 +218,6 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
             caught.append(["SerializationError", str(err)])
         total = yield add.s(1, 1)
         return {"caught": caught, "total": total}
-
-    @workflow
-    def surrogate_result():  # type: ignore[no-untyped-def]
-        try:
-            yield surrogate.s()
-        except ActivityError as err:
-            return {"caught": err.error_type, "message": err.message}
-        return "unreachable"
 
     @workflow
     def big_result(n: int):  # type: ignore[no-untyped-def]
