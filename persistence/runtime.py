@@ -21,7 +21,6 @@ from . import hot
 from .models import utcnow
 from .store import (
     Store,
-    aware,
     checkpoints_t,
     events_t,
     runs,
@@ -387,17 +386,6 @@ def fire_timer(store: Store, conn: Connection, timer_id: int, out: Outbox) -> bo
 
 
 # ---------------------------------------------------------------- sweeper queries
-
-
-def due_timers(conn: Connection, now: datetime, limit: int = 200) -> list[int]:
-    q = select(timers_t.c.id).where(timers_t.c.fired.is_(False), timers_t.c.fire_at <= now) \
-        .order_by(timers_t.c.fire_at).limit(limit)
-    return [int(r.id) for r in conn.execute(q)]
-
-
-def next_timer_due(conn: Connection) -> datetime | None:
-    q = select(timers_t.c.fire_at).where(timers_t.c.fired.is_(False)).order_by(timers_t.c.fire_at).limit(1)
-    return aware(conn.execute(q).scalar())
 
 
 def reclaim_dead_workers(conn: Connection, now: datetime, dead_after: float

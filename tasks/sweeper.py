@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
 from persistence import runtime as rt
+from persistence import timers
 from persistence.models import utcnow
 
 from . import dispatch
@@ -78,12 +80,8 @@ class Sweeper:
     def sweep(self, now: Any) -> rt.Outbox:
         baton = self.runtime.baton
         store = self.runtime.store
+        self.fire_timers(now)
         out = rt.Outbox()
-        with store.read() as conn:
-            due = rt.due_timers(conn, now)
-        for timer_id in due:
-            with store.tx() as conn:
-                rt.fire_timer(store, conn, timer_id, out)
         with store.tx() as conn:
             dead, redo, maybe = rt.reclaim_dead_workers(conn, now, baton.dead_after)
         if maybe:
@@ -132,6 +130,20 @@ class Sweeper:
         dispatch.send(self.runtime, out)
         return out
 
+    def fire_timers(self, now: Any) -> int:  # timers settled
+        """Fire due timers, a batch per transaction, waking each batch's runs once it commits;
+        for one sweep interval at most (the sweeps that follow drain a burst of thousands)."""
+        store = self.runtime.store
+        budget = time.monotonic() + self.runtime.baton.sweep_interval
+        total = 0
+        while True:
+            woken = rt.Outbox()
+            with store.tx() as conn:
+                looked, settled = timers.fire_due(store, conn, now, woken)
+            dispatch.send(self.runtime, woken)
+            total += settled
+            if looked < timers.BATCH or not settled or time.monotonic() > budget:
+                return total
 
     def _acked_late(self, name: str) -> bool:
         """Whether a running task's message stays unacknowledged until it ends (only then does
