@@ -483,11 +483,16 @@ def stale_runs(conn: Connection, now: datetime, grace: float, limit: int = 200) 
 
 
 def orphaned_children(conn: Connection, limit: int = 100) -> list[str]:
-    """Running children whose parent has ended without them (a cancel lost in a crash)."""
+    """Running children whose parent has ended without them (a cancel lost in a crash).
+
+    Driven from the running children, each parent looked up by its key: the cost follows the
+    work in flight, not the failed and cancelled runs the store has ever held (a join sorted
+    all of those: 35 ms a sweep at 25,000)."""
     parent = runs.alias("parent")
-    q = select(runs.c.run_id).join(parent, parent.c.run_id == runs.c.parent_run_id).where(
-        runs.c.status == RunStatus.RUNNING.value,
-        parent.c.status.in_((RunStatus.CANCELLED.value, RunStatus.FAILED.value))).limit(limit)
+    parent_status = select(parent.c.status).where(parent.c.run_id == runs.c.parent_run_id).scalar_subquery()
+    q = select(runs.c.run_id).where(
+        runs.c.status == RunStatus.RUNNING.value, runs.c.parent_run_id.is_not(None),
+        parent_status.in_((RunStatus.CANCELLED.value, RunStatus.FAILED.value))).limit(limit)
     return [r.run_id for r in conn.execute(q)]
 
 

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("baton.sweeper")
 
 STALE_RUN_GRACE = 10.0  # seconds a run may wait for its advance before it is re-driven
+# Children left running by a parent that ended (its cancel lost in a crash) are rare, and looking
+# for them costs a lookup per running child: at a worker's first sweep, then every 30 s.
+ORPHAN_CHECK_SECONDS = 30.0
 
 
 class Sweeper:
@@ -44,6 +47,7 @@ class Sweeper:
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.loop, name="baton-sweeper", daemon=True)
         self.recoveries = 0
+        self.next_orphan_check = 0.0
 
     def start(self) -> None:
         self.thread.start()
@@ -123,8 +127,10 @@ class Sweeper:
         with store.tx() as conn:
             stale = rt.stale_runs(conn, now, STALE_RUN_GRACE)
         out.advance += stale
-        with store.read() as conn:
-            out.cancel_runs += [(r, "its parent run ended") for r in rt.orphaned_children(conn)]
+        if time.monotonic() >= self.next_orphan_check:
+            self.next_orphan_check = time.monotonic() + ORPHAN_CHECK_SECONDS
+            with store.read() as conn:
+                out.cancel_runs += [(r, "its parent run ended") for r in rt.orphaned_children(conn)]
         self.recoveries += len(redo) + len(stale)
         out.republish = list(dict.fromkeys(out.republish))
         dispatch.send(self.runtime, out)

@@ -107,6 +107,27 @@ def test_cancel_with_pending_activity_and_child(cluster: Cluster) -> None:
     assert states == ["cancelled"]
 
 
+def test_a_child_left_running_by_a_parent_that_ended_is_cancelled_by_the_sweeper(cluster: Cluster) -> None:
+    """A parent that ended (here: failed) while its process died before cancelling its children:
+    a new worker's first sweep finds the child and cancels it."""
+    from sqlalchemy import update
+
+    from persistence.store import runs
+
+    w = cluster.start_worker(concurrency=3)
+    run = cluster.ns.cancellable.start("orphan-" + cluster.queue, "activity")
+    wait_for(lambda: any(h.id == f"{run.id}/1.2" for h in run.children()), 30, "the children to start")
+    child = cluster.baton.get(f"{run.id}/1.2")
+    wait_for(lambda: child.checkpoint() is not None, 30, "the child's sleep")
+    cluster.kill(w)
+    with cluster.baton.store.tx() as conn:  # the parent's ending committed; its children's cancels never went out
+        conn.execute(update(runs).where(runs.c.run_id == run.run_id).values(status="failed", needs_advance=False))
+    assert child.status() == "running"
+    cluster.start_worker()
+    wait_for(lambda: child.status() == "cancelled", 30, "the orphaned child to be cancelled")
+    assert run.status() == "failed"
+
+
 def test_continue_as_new_loop(cluster: Cluster) -> None:
     cluster.start_worker()
     run = cluster.ns.looper.start(50, workflow_id="loop-50")
