@@ -15,15 +15,18 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import select
+from sqlalchemy import text
 
-from persistence.store import aware, runs
+from persistence.store import aware
 from sdk import serde
 from sdk.checkpoint import apply_delta
 from sdk.events import RunStatus
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+# Runs of one status are counted up to this many (a page polls its counts every few seconds:
+# counting a status's millions of runs each time would cost what the store holds, not what changed).
+COUNT_CAP = 10_000
 STATUSES = [s.value for s in RunStatus]
 SLOT_INPUTS = frozenset({"activity_completed", "activity_failed", "timer_fired", "signal_received",
                          "child_completed", "child_failed"})
@@ -78,9 +81,19 @@ def run_summary(row: Any) -> dict[str, Any]:
     }
 
 
+# The workflow names the store holds, one index probe each (the next name after the last), instead
+# of a scan of every run: the runs page asks at every load (110 ms at 337,000 runs, PostgreSQL).
+_NAMES = text(
+    "WITH RECURSIVE names(name) AS ("
+    " SELECT min(workflow) FROM baton_runs"
+    " UNION ALL SELECT (SELECT min(workflow) FROM baton_runs WHERE workflow > names.name)"
+    " FROM names WHERE names.name IS NOT NULL)"
+    " SELECT name FROM names WHERE name IS NOT NULL")
+
+
 def workflow_names(baton: Any) -> list[str]:
     with baton.store.read() as conn:
-        found = {str(w) for (w,) in conn.execute(select(runs.c.workflow).distinct())}
+        found = {str(w) for (w,) in conn.execute(_NAMES)}
     return sorted(found | set(baton.workflows))
 
 
@@ -91,14 +104,17 @@ def runs_page(baton: Any, status: str | None = None, workflow: str | None = None
     limit = max(1, min(int(limit), MAX_PAGE_SIZE))
     offset = max(0, int(offset))
     store = baton.store
-    rows = store.list_runs(status=status, workflow=workflow or None, search=search or None, limit=limit,
+    rows = store.list_runs(status=status, workflow=workflow or None, search=search or None, limit=limit + 1,
                            offset=offset)
-    counts = store.count_runs(workflow=workflow or None, search=search or None)
+    counts = store.count_runs(workflow=workflow or None, search=search or None, cap=COUNT_CAP)
+    capped = sorted(s for s, n in counts.items() if n > COUNT_CAP)
+    counts = {s: min(counts.get(s, 0), COUNT_CAP) for s in STATUSES}
     everything = sum(counts.values())
-    total = counts.get(status, 0) if status else everything
+    total = counts[status] if status else everything
     return {
-        "runs": [run_summary(r) for r in rows],
-        "counts": {s: counts.get(s, 0) for s in STATUSES}, "all": everything, "total": total,
+        "runs": [run_summary(r) for r in rows[:limit]], "more": len(rows) > limit,
+        "counts": counts, "all": everything, "total": total,
+        "capped": capped, "total_capped": status in capped if status else bool(capped),
         "status": status, "workflow": workflow or None, "search": search or None, "limit": limit,
         "offset": offset, "workflows": workflow_names(baton),
     }

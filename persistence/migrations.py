@@ -4,6 +4,11 @@ silently by a worker: changing a shared production schema is an operator's decis
 ``MIGRATIONS[v]`` upgrades a database from version ``v`` to ``v + 1``. Version 1 is the
 first schema; version 2 adds the columns of the deferred fan-in (``baton_runs.fan_step``,
 ``baton_runs.fan_open``, ``baton_tasks.result``), all nullable, so old rows need no rewrite.
+Version 3 adds indexes for the runs list, newest first (by creation time; by status and by
+workflow with creation time, replacing the two single-column ones) and one on settled attempts
+by the time they settled (metrics read only what settled since their last look), and gives cancelled
+attempts a ``finished_at``, as it now sets. Building the indexes locks writes to the two
+tables while it runs (seconds per million rows): migrate with the workers stopped.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from sqlalchemy import Connection, inspect, select, text, update
 from sdk.errors import StoreError
 
 from . import dialect
-from .models import SCHEMA_VERSION, MetaRow
+from .models import FINISHED, SCHEMA_VERSION, MetaRow
 
 # Constant DDL text (no SQL is built from strings); each guarded by a look at the table first.
 _V2_COLUMNS = (
@@ -31,7 +36,24 @@ def _v1_to_v2(conn: Connection) -> None:
             conn.execute(text(ddl))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
+_V3_DDL = (
+    "CREATE INDEX IF NOT EXISTS ix_baton_runs_created_at ON baton_runs (created_at)",
+    "CREATE INDEX IF NOT EXISTS ix_baton_runs_status_created ON baton_runs (status, created_at)",
+    "CREATE INDEX IF NOT EXISTS ix_baton_runs_workflow_created ON baton_runs (workflow, created_at)",
+    "DROP INDEX IF EXISTS ix_baton_runs_status",
+    "DROP INDEX IF EXISTS ix_baton_runs_workflow",
+    f"CREATE INDEX IF NOT EXISTS ix_baton_tasks_finished ON baton_tasks (finished_at) WHERE {FINISHED}",
+    "UPDATE baton_tasks SET finished_at = COALESCE(started_at, published_at, created_at) "
+    "WHERE state = 'cancelled' AND finished_at IS NULL",
+)
+
+
+def _v2_to_v3(conn: Connection) -> None:
+    for ddl in _V3_DDL:
+        conn.execute(text(ddl))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
 meta_t = MetaRow.__table__  # type: ignore[attr-defined]
 
 

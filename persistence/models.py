@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Column, DateTime, Index, Text, UniqueConstraint
+from sqlalchemy import Column, DateTime, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 2  # 2: baton_runs.fan_step/fan_open, baton_tasks.result (deferred fan-in)
+# 2: baton_runs.fan_step/fan_open, baton_tasks.result (deferred fan-in);
+# 3: the runs list's indexes (created_at; status and workflow each with created_at, replacing
+#    their own), and one on settled attempts (metrics)
+SCHEMA_VERSION = 3
+FINISHED = "finished_at IS NOT NULL"
 
 
 def utcnow() -> datetime:
@@ -27,11 +31,15 @@ class Run(SQLModel, table=True):
     """A run of a workflow. ``workflow_id`` groups a continue-as-new chain."""
 
     __tablename__ = "baton_runs"
+    # The runs list, newest first, whole or by status or workflow: each reads one index in order.
+    __table_args__ = (Index("ix_baton_runs_created_at", "created_at"),
+                      Index("ix_baton_runs_status_created", "status", "created_at"),
+                      Index("ix_baton_runs_workflow_created", "workflow", "created_at"))
 
     run_id: str = Field(primary_key=True, max_length=255)
     workflow_id: str = Field(index=True, max_length=255)
-    workflow: str = Field(index=True, max_length=255)
-    status: str = Field(index=True, max_length=16)
+    workflow: str = Field(max_length=255)
+    status: str = Field(max_length=16)
     args: str = Field(sa_column=Column(Text, nullable=False))
     kwargs: str = Field(sa_column=Column(Text, nullable=False))
     result: str | None = Field(default=None, sa_column=Column(Text))
@@ -101,6 +109,10 @@ class TaskRow(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("run_id", "step", "slot", "attempt", name="uq_baton_tasks_attempt"),
         Index("ix_baton_tasks_state_due", "state", "not_before"),
+        # Settled attempts by the time they settled: metrics add up only what settled since
+        # their last look. Partial, so a new attempt's insert adds no entry.
+        Index("ix_baton_tasks_finished", "finished_at", postgresql_where=text(FINISHED),
+              sqlite_where=text(FINISHED)),
     )
 
     id: str = Field(primary_key=True, max_length=255)  # the Celery task id
@@ -113,7 +125,7 @@ class TaskRow(SQLModel, table=True):
     kwargs: str = Field(sa_column=Column(Text, nullable=False))
     options: str = Field(sa_column=Column(Text, nullable=False))
     timeout: float | None = None
-    state: str = Field(max_length=16)  # scheduled|published|started|done|failed|cancelled
+    state: str = Field(max_length=16)  # scheduled|started|done|failed|cancelled (the last three set finished_at)
     result: str | None = Field(default=None, sa_column=Column(Text))  # a fan-out result not yet in the history
     worker: str | None = Field(default=None, max_length=255)
     dispatches: int = 0

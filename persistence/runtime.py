@@ -298,7 +298,7 @@ def _cancel_leaf(conn: Connection, rid: str, step: int, slot: int, kind: str, ch
             tasks_t.c.run_id == rid, tasks_t.c.step == step, tasks_t.c.slot == slot,
             tasks_t.c.state.in_(("scheduled", "started"))))]
         if ids:
-            conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="cancelled"))
+            conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="cancelled", finished_at=utcnow()))
             out.revoke += ids
         conn.execute(update(timers_t).where(timers_t.c.run_id == rid, timers_t.c.step == step,
                                             timers_t.c.slot == slot).values(fired=True))
@@ -314,7 +314,7 @@ def _close_outstanding(conn: Connection, run: Any, out: Outbox, cancel_children:
     ids = [r.id for r in conn.execute(select(tasks_t.c.id).where(
         tasks_t.c.run_id == rid, tasks_t.c.state.in_(("scheduled", "started"))))]
     if ids:
-        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="cancelled"))
+        conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids)).values(state="cancelled", finished_at=utcnow()))
         out.revoke += ids
     conn.execute(update(timers_t).where(timers_t.c.run_id == rid, timers_t.c.fired.is_(False)).values(fired=True))
     if cancel_children:

@@ -113,33 +113,58 @@ def test_worker_on_an_older_schema_refuses_to_start(tmp_path: Path) -> None:
             proc.wait(10)
 
 
-def test_a_version_1_database_is_migrated_to_this_schema_and_keeps_its_runs(db_url: str) -> None:
-    """Version 2 added the deferred fan-in's columns; ``migrate`` adds them to a version-1 database."""
+@pytest.mark.parametrize("old", [1, 2])
+def test_an_older_database_is_migrated_to_this_schema_and_keeps_its_runs(db_url: str, old: int) -> None:
+    """Version 2 added the deferred fan-in's columns, version 3 two indexes and a ``finished_at`` on
+    cancelled attempts; ``migrate`` brings a version-1 or version-2 database up to date."""
+    from sqlalchemy import insert, select
+
     from persistence.migrations import migrate
+    from persistence.models import utcnow
+    from persistence.store import tasks_t
 
     ns = build("memory://", db_url, queue="mig", counter_url=counter_url())
     run = ns.seq.start(1)
+    cancelled = {"id": f"{run.run_id}:9:0:1", "run_id": run.run_id, "step": 9, "slot": 0, "attempt": 1, "task": "t",
+                 "args": "[]", "kwargs": "{}", "options": "{}", "state": "cancelled", "dispatches": 1,
+                 "created_at": utcnow(), "finished_at": None}
+    with ns.baton.store.tx() as conn:  # as version 2 and earlier left a cancelled attempt
+        conn.execute(insert(tasks_t).values(**cancelled))
     dispose(db_url)
     engine = sa.create_engine(db_url)
-    try:  # make it a version-1 database: without the three columns
+    try:  # make it an old database: without the indexes (and, for version 1, the three columns)
         with engine.begin() as conn:
-            for table, column in (("baton_runs", "fan_step"), ("baton_runs", "fan_open"), ("baton_tasks", "result")):
-                conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
-            conn.execute(sa.text("UPDATE baton_meta SET value = '1' WHERE key = 'schema_version'"))
+            for index in ("ix_baton_runs_created_at", "ix_baton_runs_status_created",
+                          "ix_baton_runs_workflow_created", "ix_baton_tasks_finished"):
+                conn.execute(sa.text(f"DROP INDEX {index}"))
+            for index, column in (("ix_baton_runs_status", "status"), ("ix_baton_runs_workflow", "workflow")):
+                conn.execute(sa.text(f"CREATE INDEX {index} ON baton_runs ({column})"))
+            if old == 1:
+                for table, column in (("baton_runs", "fan_step"), ("baton_runs", "fan_open"),
+                                      ("baton_tasks", "result")):
+                    conn.execute(sa.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+            conn.execute(sa.text(f"UPDATE baton_meta SET value = '{old}' WHERE key = 'schema_version'"))
     finally:
         engine.dispose()
     with pytest.raises(StoreError, match="migrate"):
         Store(db_url).ensure_schema()
-    assert migrate(db_url) == [SCHEMA_VERSION] == [2]
-    assert stored_version(db_url) == "2"
+    assert migrate(db_url) == list(range(old + 1, SCHEMA_VERSION + 1)) == [2, 3][old - 1:]
+    assert stored_version(db_url) == str(SCHEMA_VERSION) == "3"
     engine = sa.create_engine(db_url)
     try:
-        columns = {t: {c["name"] for c in sa.inspect(engine).get_columns(t)} for t in ("baton_runs", "baton_tasks")}
+        inspector = sa.inspect(engine)
+        columns = {t: {c["name"] for c in inspector.get_columns(t)} for t in ("baton_runs", "baton_tasks")}
+        indexes = {i["name"] for t in ("baton_runs", "baton_tasks") for i in inspector.get_indexes(t)}
     finally:
         engine.dispose()
     assert {"fan_step", "fan_open"} <= columns["baton_runs"] and "result" in columns["baton_tasks"]
+    assert {"ix_baton_runs_created_at", "ix_baton_runs_status_created", "ix_baton_runs_workflow_created",
+            "ix_baton_tasks_finished"} <= indexes
+    assert not {"ix_baton_runs_status", "ix_baton_runs_workflow"} & indexes
     store = Store(db_url)
     store.ensure_schema()
     assert store.get_run(run.run_id).status == "running", "the run written before the migration is gone"
+    with store.read() as conn:
+        assert conn.execute(select(tasks_t.c.finished_at).where(tasks_t.c.id == cancelled["id"])).scalar()
     store.engine.dispose()
     assert migrate(db_url) == [], "migrating an up-to-date database did something"
