@@ -7,8 +7,8 @@ also pipelined: the lock-and-record pair in one round trip, and the decision's w
 together with the COMMIT in a second, instead of one round trip per statement.
 
 Same SQL and the same idempotency guards as the Core statements they replace; the
-transaction is still the caller's (``Store.tx``). Anything but a plain decision (timers,
-children, cancels, endings, a blocked run) takes the Core path in :mod:`persistence.runtime`.
+transaction is still the caller's (``Store.tx``). Anything but a plain decision (children,
+cancels, endings, a signal taken, a blocked run) takes the Core path in :mod:`persistence.runtime`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ EVENT_COLUMNS = ("run_id", "seq", "kind", "step", "slot", "name", "key", "payloa
 NEW_TASK_COLUMNS = ("id", "run_id", "step", "slot", "attempt", "task", "args", "kwargs", "options", "timeout",
                     "state", "worker", "dispatches", "not_before", "created_at", "published_at")
 CHECKPOINT_COLUMNS = ("run_id", "step", "file", "line", "function", "locals_delta", "waiting", "at")
+TIMER_COLUMNS = ("run_id", "step", "slot", "attempt", "kind", "fire_at", "fired")
 RUN_UPDATE_COLUMNS = ("decided_seq", "last_seq", "needs_advance", "updated_at", "step", "status", "waiting",
                       "fan_step", "fan_open")
 
@@ -113,8 +114,19 @@ class HotSQL:
         self.events = insert("baton_events", EVENT_COLUMNS)
         self.history = (f"SELECT seq, kind, step, slot, payload, at, key, name FROM baton_events "
                         f"WHERE run_id = {p('run_id')} AND seq > {p('after')} ORDER BY seq")
+        # An advance with no outcome to record (a start, a timer, a signal, a child's end): lock the
+        # run and, in the same round trip, read the events its cached generator lacks, if there is
+        # anything to decide (the read runs after the lock: it sees the locked row).
+        self.lock = (f"SELECT {', '.join(HOT_RUN_COLUMNS)}, {behind('')} FROM baton_runs "
+                     f"WHERE run_id = {p('run_id')}" + (" FOR UPDATE" if postgres else ""))
+        self.lock_history = (
+            f"SELECT seq, kind, step, slot, payload, at, key, name FROM baton_events "
+            f"WHERE run_id = {p('run_id')} AND seq > {p('after')} AND EXISTS (SELECT 1 FROM baton_runs "
+            f"WHERE run_id = {p('run_id')} AND status = 'running' AND (needs_advance OR decided_seq < last_seq)) "
+            f"ORDER BY seq")
         self.tasks = insert("baton_tasks", NEW_TASK_COLUMNS)
         self.checkpoints = insert("baton_checkpoints", CHECKPOINT_COLUMNS)
+        self.timers = insert("baton_timers", TIMER_COLUMNS)
         self.run_plain = (f"UPDATE baton_runs SET {', '.join(f'{c} = {p(c)}' for c in RUN_UPDATE_COLUMNS)} "
                           f"WHERE run_id = {p('run_id')}")
         self.run_with_position = (
@@ -159,6 +171,40 @@ def history(conn: Connection, run_id: str, after: int = 0) -> list[Event]:
         rows = cur.fetchall()
         cur.close()
     return _events(rows)
+
+
+def lock(conn: Connection, run_id: str, after: int) -> tuple[dict[str, Any], list[Event] | None] | None:
+    """Lock a run (None if there is none): its hot columns, with ``locals`` only if the run is
+    past ``after`` (the seq its cached generator reached), and its events after ``after`` if it
+    has anything to decide (else None). One round trip on PostgreSQL."""
+    raw, postgres = _driver(conn)
+    sql = _SQL[postgres]
+    params = {"run_id": run_id, "after": after}
+    hist = None
+    with _errors(conn, sql.lock), raw.pipeline() if postgres else nullcontext():
+        cur = raw.cursor()
+        cur.execute(sql.lock, params)
+        if postgres:
+            hist = raw.cursor()
+            hist.execute(sql.lock_history, params)
+    with _errors(conn, sql.lock):
+        row = cur.fetchone()
+        cur.close()
+        if row is None:
+            return None
+        out = dict(zip((*HOT_RUN_COLUMNS, "locals"), row, strict=True))
+        out["needs_advance"] = bool(out["needs_advance"])
+        if out["locals"] is None and out["last_seq"] <= after:
+            del out["locals"]  # not read: a generator this far along knows them (else they are read apart)
+        if hist is None and out["status"] == "running" and (out["needs_advance"]
+                                                            or out["decided_seq"] < out["last_seq"]):
+            hist = raw.cursor()
+            hist.execute(sql.history, params)
+        events = None
+        if hist is not None:
+            events = _events(hist.fetchall())
+            hist.close()
+    return out, events
 
 
 def _aware(value: Any) -> datetime | None:
@@ -287,7 +333,8 @@ def harvest(conn: Connection, run_id: str, step: int) -> list[tuple[int, int, st
 
 
 def write(conn: Connection, events: list[dict[str, Any]], tasks: list[dict[str, Any]],
-          checkpoints: list[dict[str, Any]], run: dict[str, Any], guard: dict[str, Any] | None = None) -> bool:
+          checkpoints: list[dict[str, Any]], run: dict[str, Any], guard: dict[str, Any] | None = None,
+          timers: Sequence[dict[str, Any]] = ()) -> bool:
     """Write a plain decision and COMMIT (one pipelined round trip on PostgreSQL).
 
     With ``guard`` (PostgreSQL: the parameters of ``HotSQL.guard``), the run is locked and the
@@ -304,7 +351,7 @@ def write(conn: Connection, events: list[dict[str, Any]], tasks: list[dict[str, 
                 with raw.pipeline():
                     cur = raw.cursor()
                     cur.execute(sql.guard, guard)
-                    _write_statements(cur, sql, events, tasks, checkpoints, run)
+                    _write_statements(cur, sql, events, tasks, checkpoints, run, timers)
                     raw.commit()
             except DivisionByZero:
                 raw.rollback()
@@ -312,15 +359,15 @@ def write(conn: Connection, events: list[dict[str, Any]], tasks: list[dict[str, 
         cur.close()
         return True
     if not postgres:
-        for rows in (events, tasks, checkpoints):
+        for rows in (events, tasks, checkpoints, timers):
             for r in rows:
-                for k in ("at", "not_before", "created_at", "published_at"):
+                for k in ("at", "not_before", "created_at", "published_at", "fire_at"):
                     if k in r:
                         r[k] = _ts(r[k], False)
         run = {**run, "updated_at": _ts(run["updated_at"], False)}
     with _errors(conn, sql.run_plain), raw.pipeline() if postgres else nullcontext():
         cur = raw.cursor()
-        _write_statements(cur, sql, events, tasks, checkpoints, run)
+        _write_statements(cur, sql, events, tasks, checkpoints, run, timers)
         if postgres:
             raw.commit()  # in the same round trip; the caller's COMMIT then finds nothing to do
     cur.close()
@@ -328,11 +375,14 @@ def write(conn: Connection, events: list[dict[str, Any]], tasks: list[dict[str, 
 
 
 def _write_statements(cur: Any, sql: HotSQL, events: list[dict[str, Any]], tasks: list[dict[str, Any]],
-                      checkpoints: list[dict[str, Any]], run: dict[str, Any]) -> None:
+                      checkpoints: list[dict[str, Any]], run: dict[str, Any],
+                      timers: Sequence[dict[str, Any]] = ()) -> None:
     if events:
         cur.executemany(sql.events, events)
     if tasks:
         cur.executemany(sql.tasks, tasks)
+    if timers:
+        cur.executemany(sql.timers, timers)
     if checkpoints:
         cur.executemany(sql.checkpoints, checkpoints)
     cur.execute(sql.run_with_position if "position" in run else sql.run_plain, run)

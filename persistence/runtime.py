@@ -246,8 +246,8 @@ def _fan(d: Decision) -> dict[str, int | None]:
 
 
 def plain(d: Decision) -> bool:
-    """A decision of the hot path: the run goes on, with new steps and activities at most."""
-    return (d.status is RunStatus.RUNNING and not d.timers and not d.children and not d.cancels
+    """A decision of the hot path: the run goes on, with new steps, activities and timers at most."""
+    return (d.status is RunStatus.RUNNING and not d.children and not d.cancels
             and all(e.kind != "signal_received" for e in d.events))
 
 
@@ -274,7 +274,9 @@ def commit_plain(conn: Connection, run: Any, d: Decision, now: datetime, publish
         out.locals = base
         values["position"] = serde.dumps_known(d.checkpoints[-1].position, "position")
         values["locals"] = serde.dumps_known(base, "locals")
-    if not hot.write(conn, events, tasks, checkpoints, values, guard):
+    timers = [{"run_id": rid, "step": t.step, "slot": t.slot, "attempt": 0, "kind": t.kind, "fire_at": t.fire_at,
+               "fired": False} for t in d.timers]
+    if not hot.write(conn, events, tasks, checkpoints, values, guard, timers):
         return None
     out.last_seq = last
     out.fan_step = values["fan_step"]

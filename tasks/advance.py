@@ -12,11 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from persistence import hot
 from persistence import recording as rec
 from persistence import runtime as rt
 from persistence.models import utcnow
@@ -39,7 +41,7 @@ FANS_REMEMBERED = 10_000  # runs whose fan-out a process remembers (a hint: forg
 @dataclass
 class Guessed:
     """A decision a cached generator took before the lock that the one-round-trip write does not
-    carry (an ending, a timer, a child, a cancel, a signal wait): :func:`guess` hands it to the
+    carry (an ending, a child, a cancel, a signal wait): :func:`guess` hands it to the
     usual path, which commits it if the run is still exactly where the generator left it, instead
     of replaying the whole history into a new generator. Falsy, like any ``guess`` that committed
     nothing."""
@@ -83,11 +85,14 @@ def advance(runtime: Runtime, run_id: str, before: Callable[[Connection], Any] |
                     if got is None:
                         return  # nothing to decide (a duplicate, or a fan-out's non-final result): commit
                     run = got[0]
-                else:
-                    row = store.lock_run(conn, run_id)
-                    if row is None:
+                else:  # lock, and read what the cached generator lacks, in one round trip
+                    after = runtime.cache.seq_of(run_id)
+                    locked = hot.lock(conn, run_id, after)
+                    if locked is None:
                         return
-                    run = rt.mutable(row)
+                    run = SimpleNamespace(**locked[0])
+                    if locked[1] is not None:
+                        run.prefetched = (after, locked[1])
                 out, inst, status = _decide(runtime, conn, run, publisher, guessed)
             _committed(runtime, run_id, out, inst if status is RunStatus.RUNNING else None)
             return
@@ -219,7 +224,7 @@ def guess(runtime: Runtime, task_id: str, task_name: str, ok: bool, value: Any, 
 
     False leaves everything to the usual path: nothing was written, and the generator (which
     may have moved on) is dropped from the cache, so the usual path replays. When the decision
-    is not plain (an ending, a timer, a child, a cancel), or waits on a signal (decided as if
+    is not plain (an ending, a child, a cancel), or waits on a signal (decided as if
     none had arrived: only the lock can tell), nothing is written either, and a (falsy)
     :class:`Guessed` hands the decision and its generator to the usual path, which commits it
     if it still holds, without replaying.

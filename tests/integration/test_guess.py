@@ -53,6 +53,19 @@ def test_a_guess_records_and_decides_in_one_commit(ns: Any) -> None:
     assert [t.step for t in ns.baton.store.task_rows(handle.run_id)] == [1, 2]
 
 
+def test_a_sleep_after_an_activity_is_decided_and_its_timer_written_in_the_one_commit(ns: Any) -> None:
+    handle = ns.nap_after.start(3600)
+    adv.advance(ns.baton.runtime, handle.run_id, publisher=ME)
+    tid = rt.task_id(handle.run_id, 1, 0, 1)
+    assert adv.guess(ns.baton.runtime, tid, "t.add", True, 2, ME, None) is True  # not handed over
+    last, kinds, state = _state(ns, handle.run_id)
+    assert kinds[-2:] == ["activity_completed", "step_scheduled"] and state == "done" and last == len(kinds)
+    timers = ns.baton.store.timer_rows(handle.run_id)
+    assert [(t.step, t.kind, t.fired) for t in timers] == [(2, "sleep", False)]
+    assert 3590 < (timers[0].fire_at - utcnow()).total_seconds() <= 3600
+    assert handle.checkpoint().waiting_on[0]["kind"] == "timer"
+
+
 def test_a_guess_on_a_run_that_moved_on_writes_nothing(ns: Any) -> None:
     handle, tid = _started(ns)
     handle.cancel("meanwhile")  # another writer appends an input: last_seq is no longer the generator's
