@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,6 +36,14 @@ from .events import RunStatus
 DEMO_MODULE = "examples.coding_agent"
 DEMO_TICKET = "reject negative values in every handler"
 SLOW_TASKS = (".call_model", ".run_tests")  # the example's activities that take 0.15 s or more
+KILL_YOUNGER_THAN = 0.06  # seconds: a slow task started this recently has most of its time left at the kill
+
+
+def _age(started: datetime | None, now: datetime) -> float:
+    """Seconds since ``started`` (a stored timestamp, naive UTC on SQLite); infinite if unknown."""
+    if started is None:
+        return float("inf")
+    return (now - (started if started.tzinfo else started.replace(tzinfo=UTC))).total_seconds()
 
 
 def find_examples_root() -> Path:
@@ -251,8 +260,11 @@ def drive_demo(baton: Baton, handle: Any, pool: Workers, names: list[str], ds: D
             if kill and ds.killed is None and not snap.ended:
                 # Only tasks long enough to still be running when the SIGKILL lands: a 20 ms file read
                 # often finishes between this look at the store and the kill.
+                # ... and only those started a moment ago: one further along may finish, and be
+                # recorded by the victim, between this look and the kill (then nothing was lost).
+                wall = datetime.now(UTC)
                 held = [t.id for t in snap.rows if t.state == "started" and str(t.worker).startswith(f"{victim}@")
-                        and str(t.task).endswith(SLOW_TASKS)]
+                        and str(t.task).endswith(SLOW_TASKS) and _age(t.started_at, wall) < KILL_YOUNGER_THAN]
                 mid_fanout = snap.step_total >= 10 and snap.step_total // 4 <= snap.step_done < snap.step_total - 5
                 # On a loaded machine a look at the store can take longer than the window of the
                 # fan-out of slow tasks: once it is over, any later slow task the victim holds will do
@@ -262,6 +274,9 @@ def drive_demo(baton: Baton, handle: Any, pool: Workers, names: list[str], ds: D
                 asking = any(w.get("kind") == "signal" for w in snap.waiting)
                 if (held and (mid_fanout or ds.late)) or asking:
                     pool.kill(victim)
+                    # Lost are the attempts still started once it is dead; any it recorded first were not.
+                    after = {t.id: t.state for t in baton.store.task_rows(handle.run_id)}
+                    held = [i for i in held if after.get(i) == "started"]
                     ds.killed, ds.killed_at, ds.killed_step, ds.held = victim, now, snap.step, held
                     note(f"SIGKILLed worker {victim} (pid {pool.procs[victim].pid}) and its pool at step "
                          f"{snap.step}, holding {len(held)} task(s) mid-flight")
