@@ -9,6 +9,7 @@ events; these cover workflows. Served at ``/metrics`` by ``baton dashboard`` and
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -120,15 +121,14 @@ class BatonCollector:
             for task, t in _tally(conn, url, settled).items():
                 self.kept.setdefault(task, _Totals()).add(t)
             self.mark = mark
-            out = {task: _Totals() for task in self.kept}
+            out: defaultdict[str, _Totals] = defaultdict(_Totals)
             for task, t in self.kept.items():
                 out[task].add(t)
-        recent = _tally(conn, url, finished.is_not(None) & (finished > mark))
-        flight = _tally(conn, url, tasks_t.c.state.in_(IN_FLIGHT))
-        for part in (recent, flight):
+        for part in (_tally(conn, url, finished.is_not(None) & (finished > mark)),  # settled lately
+                     _tally(conn, url, tasks_t.c.state.in_(IN_FLIGHT))):
             for task, t in part.items():
-                out.setdefault(task, _Totals()).add(t)
-        return out
+                out[task].add(t)
+        return dict(out)
 
     def collect(self) -> Iterator[Metric]:
         store = self.baton.store

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Connection, insert, or_, select, update
@@ -78,9 +77,9 @@ def attempt_key(step: int, slot: int, attempt: int) -> str:
     return f"att:{step}:{slot}:{attempt}"
 
 
-def mutable(row: Any) -> SimpleNamespace:
-    """A run row we can update in memory as this transaction appends to it."""
-    return SimpleNamespace(**row._mapping)
+def timer_key(step: int, slot: int) -> str:
+    """The idempotency key of a timer's ``timer_fired`` event."""
+    return f"timer:{step}:{slot}"
 
 
 def message(tid: str, run_id: str, step: int, slot: int, attempt: int, task: str, args: Any, kwargs: Any,
@@ -381,7 +380,7 @@ def fire_timer(store: Store, conn: Connection, timer_id: int, out: Outbox) -> bo
         out.terminate.append(tid)
     else:
         ok = store.append_input(conn, run, "timer_fired", step=t.step, slot=t.slot, payload={"kind": t.kind},
-                                key=f"timer:{t.step}:{t.slot}")
+                                key=timer_key(t.step, t.slot))
     if ok:
         out.advance.append(t.run_id)
     return ok

@@ -22,7 +22,7 @@ from sdk import serde
 from sdk.events import RunStatus
 
 from .models import utcnow
-from .runtime import Outbox, fire_timer
+from .runtime import Outbox, fire_timer, timer_key
 from .store import Store, events_t, runs, timers_t
 
 BATCH = 200  # timers per transaction
@@ -76,7 +76,7 @@ def fire_due(store: Store, conn: Connection, now: datetime, out: Outbox, limit: 
     live = [t for t in plain if t.id in marked and not RunStatus(locked[t.run_id].status).terminal]
     if not live:
         return len(due), settled
-    keys = {f"timer:{t.step}:{t.slot}" for t in live}
+    keys = {timer_key(t.step, t.slot) for t in live}
     seen = {(r.run_id, r.key) for r in conn.execute(
         select(events_t.c.run_id, events_t.c.key)
         .where(events_t.c.run_id.in_({t.run_id for t in live}), events_t.c.key.in_(keys)))}
@@ -84,7 +84,7 @@ def fire_due(store: Store, conn: Connection, now: datetime, out: Outbox, limit: 
     at = utcnow()
     rows: list[dict[str, Any]] = []
     for t in live:
-        key = f"timer:{t.step}:{t.slot}"
+        key = timer_key(t.step, t.slot)
         if (t.run_id, key) in seen:
             continue
         seen.add((t.run_id, key))

@@ -40,10 +40,11 @@ KILL_YOUNGER_THAN = 0.06  # seconds: a slow task started this recently has most 
 
 
 def _age(started: datetime | None, now: datetime) -> float:
-    """Seconds since ``started`` (a stored timestamp, naive UTC on SQLite); infinite if unknown."""
-    if started is None:
-        return float("inf")
-    return (now - (started if started.tzinfo else started.replace(tzinfo=UTC))).total_seconds()
+    """Seconds since ``started`` (a stored timestamp); infinite if unknown."""
+    from persistence.store import aware
+
+    at = aware(started)
+    return float("inf") if at is None else (now - at).total_seconds()
 
 
 def find_examples_root() -> Path:
