@@ -10,6 +10,7 @@
   INSERT and COMMIT: bare Celery with the least any design that records each step durably pays;
 - ``BENCH_QUEUE``: the queue both the client and the worker use;
 - ``BENCH_CACHE_SIZE``: Baton's live-generator cache size per process (default: Baton's own);
+- ``BENCH_EAGER_STEPS``: ``Baton(eager_steps=...)`` (default 0: every activity is a message);
 - ``BENCH_BARE_DEFAULTS=1``: the bare side keeps Celery's defaults instead of Baton's delivery settings;
 - ``BENCH_SQL_STATS=<prefix>``: count and time every SQL statement SQLAlchemy runs (``bench/profile.py
   --sql``; the hot path's driver SQL, ``persistence/hot.py``, bypasses it);
@@ -58,6 +59,8 @@ def build_baton(broker: str, database_url: str, queue: str = "bench", cache_size
     kw: dict[str, Any] = {}
     if cache_size is not None:
         kw["cache_size"] = cache_size
+    if os.environ.get("BENCH_EAGER_STEPS"):
+        kw["eager_steps"] = int(os.environ["BENCH_EAGER_STEPS"])
     baton = Baton(app, database_url=database_url, **kw)
 
     @app.task(name="bench.noop")

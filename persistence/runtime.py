@@ -509,11 +509,22 @@ def seen_queued(conn: Connection, ids: list[str], now: datetime) -> None:
                  .values(published_at=now))
 
 
-def mark_started(conn: Connection, tid: str, worker: str, now: datetime) -> bool:
-    """Claim an attempt for a worker; False if it is finished, cancelled or unknown."""
+def mark_started(conn: Connection, tid: str, worker: str, now: datetime, renewed: datetime | None = None) -> bool:
+    """Claim an attempt for a worker; False if it is finished, cancelled or unknown. ``renewed``:
+    an eager attempt's claim time (see :func:`renew_claims`)."""
+    values: dict[str, Any] = {"state": "started", "worker": worker, "started_at": now}
+    if renewed is not None:
+        values["published_at"] = renewed
     n = conn.execute(update(tasks_t).where(tasks_t.c.id == tid, tasks_t.c.state.in_(("scheduled", "started")))
-                     .values(state="started", worker=worker, started_at=now)).rowcount
+                     .values(**values)).rowcount
     return bool(n)
+
+
+def renew_claims(conn: Connection, ids: list[str], now: datetime) -> None:
+    """Eager attempts still running here: no message is held for them, so the lost-task check
+    (:func:`stalled_started`, counting from ``published_at``) must see them renewed instead."""
+    conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids), tasks_t.c.state == "started")
+                 .values(published_at=now))
 
 
 def add_attempt_timeout(conn: Connection, tid: str, timeout: float, now: datetime) -> None:

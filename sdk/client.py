@@ -48,6 +48,11 @@ class Baton:
         claim_after: seconds an activity runs before its worker claims it in the store (shorter
             ones are recorded without a claim: one transaction per step instead of two); 0 claims
             every activity as it starts.
+        eager_steps: when recording an activity's result decides one next activity for the same
+            queue, run it in the same worker process instead of publishing it, up to this many
+            steps in a row per delivered message (0, the default: every activity is a message).
+            Saves the broker hop and keeps the run's generator warm; eager tasks do not appear
+            in Flower (see ``docs/design.md``, *Eager steps*).
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class Baton:
         dead_after: float = 10.0,
         lost_after: float = 300.0,
         claim_after: float = 0.2,
+        eager_steps: int = 0,
     ) -> None:
         self.app = app
         self.database_url = resolve_database_url(database_url, getattr(app, "conf", None))
@@ -74,6 +80,10 @@ class Baton:
             raise ValueError(f"claim_after={claim_after} must be at least 0 and below lost_after ({lost_after}) "
                              f"and dead_after ({dead_after}): an unclaimed running activity looks lost")
         self.claim_after = claim_after
+        if isinstance(eager_steps, bool) or not isinstance(eager_steps, int) or eager_steps < 0:
+            raise ValueError(f"eager_steps={eager_steps!r} must be a whole number of steps, 0 or more "
+                             "(0 publishes every activity)")
+        self.eager_steps = eager_steps
         self.workflows: dict[str, Workflow] = {}
         from tasks.wiring import Runtime
 

@@ -32,6 +32,7 @@ from sdk import serde
 from sdk.errors import SerializationError
 
 from . import advance as adv
+from . import eager
 from .dispatch import HEADER_RUN, HEADER_TIMEOUT
 from .faults import fault
 
@@ -87,58 +88,81 @@ def connect(runtime: Runtime) -> None:
 
 
 class Claimer:
-    """Claims, in batches, the attempts this process has been running for ``claim_after`` s."""
+    """Claims, in batches, the attempts this process has been running for ``claim_after`` s.
+
+    An eager attempt (``tasks.eager``) has no message a worker holds while it runs, which is how
+    the sweeper tells a long task from a lost one; so while it runs, its claim is renewed every
+    ``lost_after / 4`` s (``published_at``, which the lost-task check counts from)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.after = runtime.baton.claim_after
+        self.renew_every = runtime.baton.lost_after / 4
         self.running: dict[str, tuple[float, Any, str]] = {}  # task id -> (monotonic start, start, worker)
         self.claimed: set[str] = set()
+        self.eager: dict[str, float] = {}  # running eager attempts -> monotonic time of their last claim
         self.wake = threading.Event()
         self.pid = -1
 
-    def started(self, task_id: str, worker: str) -> None:
+    def started(self, task_id: str, worker: str, eager: bool = False, claimed: bool = False) -> None:
         if self.pid != os.getpid():  # first task in this (forked) process: start the thread here
             self.pid = os.getpid()
             self.running.clear()
             self.claimed.clear()
+            self.eager.clear()
             threading.Thread(target=self.loop, name="baton-claimer", daemon=True).start()
-        self.running[task_id] = (time.monotonic(), utcnow(), worker)
+        now = time.monotonic()
+        if eager:
+            self.eager[task_id] = now
+        self.running[task_id] = (now, utcnow(), worker)
+        if claimed:
+            self.claimed.add(task_id)
         if not self.wake.is_set():
             self.wake.set()
 
     def finished(self, task_id: str) -> Any:
         """When the task started (None if this process did not see it start)."""
         self.claimed.discard(task_id)
+        self.eager.pop(task_id, None)
         entry = self.running.pop(task_id, None)
         return entry[1] if entry else None
 
     def _unclaimed(self) -> list[tuple[float, str]]:
         return [(v[0], tid) for tid, v in list(self.running.items()) if tid not in self.claimed]
 
+    def _renewals(self) -> list[tuple[float, str]]:
+        return [(t, tid) for tid, t in list(self.eager.items()) if tid in self.claimed]
+
     def loop(self) -> None:
         while True:
             self.wake.wait()
-            unclaimed = self._unclaimed()
-            if not unclaimed:
+            unclaimed, renewals = self._unclaimed(), self._renewals()
+            if not unclaimed and not renewals:
                 self.wake.clear()
-                if self._unclaimed():  # one started between the look and the clear
+                if self._unclaimed() or self._renewals():  # one started between the look and the clear
                     self.wake.set()
                 continue
             now = time.monotonic()
-            wait = min(unclaimed)[0] + self.after - now
+            wait = min([t0 + self.after for t0, _ in unclaimed] + [t + self.renew_every for t, _ in renewals]) - now
             if wait > 0:
                 time.sleep(wait + 0.001)
                 continue
             due = {tid: v for t0, tid in unclaimed if now - t0 >= self.after and (v := self.running.get(tid))}
+            renew = [tid for t, tid in renewals if now - t >= self.renew_every]
             try:
                 with self.runtime.store.tx() as conn:
-                    for tid, (_, at, worker) in due.items():
-                        rt.mark_started(conn, tid, worker, at)
+                    at = utcnow()
+                    for tid, (_, start, worker) in due.items():
+                        rt.mark_started(conn, tid, worker, start, renewed=at if tid in self.eager else None)
+                    if renew:
+                        rt.renew_claims(conn, renew, at)
                 self.claimed.update(tid for tid in due if tid in self.running)
                 self.claimed.intersection_update(list(self.running))
+                for tid in [*due, *renew]:
+                    if tid in self.eager:
+                        self.eager[tid] = now
             except Exception as exc:  # the store is down: try again shortly
-                log.warning("baton: could not claim %d running attempt(s): %s", len(due), exc)
+                log.warning("baton: could not claim %d running attempt(s): %s", len(due) + len(renew), exc)
                 time.sleep(max(self.after, 0.5))
 
 
@@ -146,16 +170,19 @@ def on_prerun(runtime: Runtime, task_id: str, task: Any, headers: dict[str, Any]
     me = worker_id(str(task.request.hostname or "unknown"))
     timeout = headers.get(HEADER_TIMEOUT)
     if not timeout and runtime.baton.claim_after > 0:
-        runtime.claimer.started(task_id, me)
+        runtime.claimer.started(task_id, me, eager.running())
         return
     store = runtime.store
     now = utcnow()
+    is_eager = eager.running()
     try:
         with store.tx() as conn:
-            if rt.mark_started(conn, task_id, me, now) and timeout:
+            if rt.mark_started(conn, task_id, me, now, renewed=now if is_eager else None) and timeout:
                 rt.add_attempt_timeout(conn, task_id, float(timeout), now)
     except Exception as exc:  # the run still completes: the result is recorded in postrun
         log.warning("baton: could not mark %s started: %s", task_id, exc)
+    if is_eager:  # renew its claim while it runs
+        runtime.claimer.started(task_id, me, eager=True, claimed=True)
 
 
 def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: str) -> None:
@@ -182,17 +209,21 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
     me = worker_id(str(task.request.hostname or "unknown"))
     run_id = rt.run_of_task(task_id)
     fault("before_record")
-    if not store.sqlite and ok and _fanned(runtime, task_id, run_id, value, me, started_at):
-        return
-    try:
-        adv.record(runtime, task_id, task.name, ok, value, me, started_at)
-    except Exception:
-        # Never let Celery ack a message whose result we could not record: die, and the
-        # message is redelivered (and the sweeper re-dispatches the attempt).
-        log.critical("baton: could not record the result of %s; exiting so it is redelivered", task_id,
-                     exc_info=True)
-        logging.shutdown()
-        os._exit(70)
+
+    def record() -> None:
+        if not store.sqlite and ok and _fanned(runtime, task_id, run_id, value, me, started_at):
+            return
+        try:
+            adv.record(runtime, task_id, task.name, ok, value, me, started_at)
+        except Exception:
+            # Never let Celery ack a message whose result we could not record: die, and the
+            # message is redelivered (and the sweeper re-dispatches the attempt).
+            log.critical("baton: could not record the result of %s; exiting so it is redelivered", task_id,
+                         exc_info=True)
+            logging.shutdown()
+            os._exit(70)
+
+    eager.drive(runtime, task, record)  # with eager_steps, then runs the next activities it kept here
     fault("after_publish")  # recorded and published, not yet acknowledged
 
 

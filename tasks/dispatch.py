@@ -19,6 +19,7 @@ from persistence.models import utcnow
 from persistence.store import tasks_t
 from sdk import serde
 
+from . import eager
 from .faults import fault
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ def publish(runtime: Runtime, messages: list[dict[str, Any]]) -> None:
     pipeline of LPUSHes per chunk instead of a client and a round trip per message.
     """
     if not messages:
+        return
+    if eager.keep(runtime, messages):
         return
     runtime.ensure_broker()
     if len(messages) == 1:
@@ -78,13 +81,18 @@ def _send(runtime: Runtime, msg: dict[str, Any], producer: Any) -> None:
         shown["baton_slot"] = msg["slot"]
     if msg["attempt"] > 1:
         shown["baton_attempt"] = msg["attempt"]
+    runtime.app.send_task(msg["task"], args=msg["args"], kwargs=kwargs, task_id=msg["id"], headers=headers_of(msg),
+                          argsrepr=repr(tuple(msg["args"])), kwargsrepr=repr(shown), producer=producer, **options)
+    _declared.add(where)
+
+
+def headers_of(msg: dict[str, Any]) -> dict[str, Any]:
+    """Baton's message headers for an attempt (read back by the worker hooks)."""
     headers = {HEADER_RUN: msg["run_id"], HEADER_STEP: msg["step"], "baton_slot": msg["slot"],
                "baton_attempt": msg["attempt"]}
     if msg["timeout"]:
         headers[HEADER_TIMEOUT] = msg["timeout"]
-    runtime.app.send_task(msg["task"], args=msg["args"], kwargs=kwargs, task_id=msg["id"], headers=headers,
-                          argsrepr=repr(tuple(msg["args"])), kwargsrepr=repr(shown), producer=producer, **options)
-    _declared.add(where)
+    return headers
 
 
 def republish(runtime: Runtime, ids: list[str]) -> int:

@@ -22,7 +22,7 @@ from sdk.errors import BatonError, WorkflowNotFound
 from sdk.events import RunStatus
 from sdk.replay import Instance
 
-from . import activities, advance, dispatch, sweeper
+from . import activities, advance, dispatch, eager, sweeper
 
 if TYPE_CHECKING:
     from sdk.client import Baton
@@ -126,7 +126,8 @@ class Runtime:
         def advance_run(task: Any, run_id: str) -> None:
             """Baton's internal task: advance one run (idempotent; safe to redeliver)."""
             host = getattr(task.request, "hostname", None)
-            advance.advance(runtime, run_id, publisher=activities.worker_id(str(host)) if host else None)
+            publisher = activities.worker_id(str(host)) if host else None
+            eager.drive(runtime, task, lambda: advance.advance(runtime, run_id, publisher=publisher))
 
         self.advance_task = self.app.task(name="baton.advance", bind=True, ignore_result=True,
                                           acks_late=True)(advance_run)

@@ -2,6 +2,7 @@
 
 URLs and Baton's recovery knobs come from the environment, so each test tunes its workers:
 ``BATON_TEST_DEAD_AFTER``, ``BATON_TEST_LOST_AFTER``, ``BATON_TEST_SWEEP_INTERVAL`` (seconds),
+``BATON_TEST_EAGER_STEPS`` (Baton's ``eager_steps``),
 ``BATON_TEST_OMIT`` (comma-separated workflow names this worker does not have).
 """
 
@@ -19,6 +20,8 @@ def knobs() -> dict[str, float]:
                     ("BATON_TEST_SWEEP_INTERVAL", "sweep_interval")):
         if os.environ.get(env):
             out[kw] = float(os.environ[env])
+    if os.environ.get("BATON_TEST_EAGER_STEPS"):
+        out["eager_steps"] = int(os.environ["BATON_TEST_EAGER_STEPS"])
     return out
 
 

@@ -87,6 +87,14 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
             return "late"
         return "fresh"
 
+    @app.task(name="c.whence", bind=True)
+    def whence(self: Any, seconds: float = 0.0, key: str = "") -> list[Any]:
+        """Where it ran: [its task id, the message it rode on if eager, its process id]."""
+        if key:
+            bump(key)
+        time.sleep(seconds)
+        return [self.request.id, self.request.get("baton_carrier"), os.getpid()]
+
     @app.task(name="c.big")
     def big(n: int) -> str:
         return "x" * n
@@ -169,6 +177,19 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
     def stuck(seconds: float, key: str, queue: str | None = None):  # type: ignore[no-untyped-def]
         sig = sleepy.s(seconds, "slept", key)
         out = yield (sig.set(queue=queue) if queue else sig)
+        return out
+
+    @workflow
+    def trail(n: int, slow_at: int = -1, seconds: float = 0.0, key: str = "",
+              queue_at: int = -1, queue: str | None = None, timeout_at: int = -1):  # type: ignore[no-untyped-def]
+        """``n`` steps of ``whence``: one slow (and counted), one routed to ``queue``, one with a timeout."""
+        out = []
+        for i in range(n):
+            sig = whence.s(seconds, key) if i == slow_at else whence.s()
+            if i == queue_at:
+                sig = sig.set(queue=queue)
+            got = yield (step(sig, timeout=30.0) if i == timeout_at else sig)
+            out.append(got)
         return out
 
     # ------------------------------------------------------------ bad input that reaches a worker

@@ -60,11 +60,20 @@ def start_mix(ns: Any, total: int = 200, offset: int = 0) -> tuple[list[tuple[An
 
 
 def test_worker_churn(chaos: ChaosCluster) -> None:
+    churn(chaos)
+
+
+def test_worker_churn_with_eager_steps(chaos: ChaosCluster) -> None:
+    """The same, with ``Baton(eager_steps=4)``: kills land in eager chains too."""
+    churn(chaos, BATON_TEST_EAGER_STEPS="4")
+
+
+def churn(chaos: ChaosCluster, **env: str) -> None:
     rng = random.Random(7)
     # Attempts published but not started for lost_after are re-sent; shorter would also re-send
     # messages merely queued behind 200 runs on a busy machine (harmless, but it adds load).
     chaos.knobs["lost_after"] = 15.0
-    chaos.start_workers(WORKERS)
+    chaos.start_workers(WORKERS, **env)
     began = time.monotonic()
     runs, waiters = start_mix(chaos.ns)
     handles = [h for h, _ in runs]
@@ -76,7 +85,7 @@ def test_worker_churn(chaos: ChaosCluster) -> None:
     while chaos.kills < MAX_KILLS and chaos.baton.store.count_runs().get("running", 0):
         if time.monotonic() - last_kill >= KILL_EVERY and len(chaos.alive()) >= 2:
             chaos.kill_random(rng)
-            chaos.start_worker(concurrency=2, wait=False)
+            chaos.start_worker(concurrency=2, wait=False, **env)
             last_kill = time.monotonic()
             if chaos.kills == MAX_KILLS:
                 for h, value in waiters[half:]:  # signals at the last kill (these runs wait until then)
@@ -89,6 +98,6 @@ def test_worker_churn(chaos: ChaosCluster) -> None:
     assert report.runs >= 200 and report.activities > 400
     assert chaos.kills == MAX_KILLS
     stranded = redis.Redis.from_url(chaos.broker).hlen("unacked")
-    print(f"\nFIGURES churn [{chaos.db.split(':')[0]}]: {report.line()} kills={chaos.kills} "
+    print(f"\nFIGURES churn{' eager' if env else ''} [{chaos.db.split(':')[0]}]: {report.line()} kills={chaos.kills} "
           f"messages_stranded_by_kills={stranded} "
           f"total={finished - began:.1f}s recovered_after_last_kill={finished - killed_last:.1f}s")

@@ -1,0 +1,178 @@
+"""Eager steps: a run's next activity run by the pool process that just decided it.
+
+With ``Baton(eager_steps=N)``, when recording an activity's result decides one next activity
+that this very worker would be handed anyway (the same queue, no delay, no limits Celery
+enforces per message), the pool process runs it at once, through Celery's own tracer (the
+task's signals, result backend and ``self.retry()`` behave as for a delivered message),
+instead of publishing it and waiting for the broker to hand it to whichever process is free.
+Its attempt row is committed first, exactly as for a publish, so nothing about durability
+changes; what it saves is the broker round trip, the consumer's work for one message, and
+the catch-up a process pays when the step lands where the run's generator is not cached.
+
+At most ``N`` steps in a row ride on one delivered message (the *carrier*), and none is
+started after ``EAGER_SECONDS`` under it, so one run cannot keep a process from the queue.
+The carrier stays unacknowledged until the chain ends (``acks_late``); a redelivery of it is
+a duplicate result, dropped. An eager attempt has no message of its own, so recovery is:
+
+* the whole worker dies: its heartbeat stops and the sweeper re-sends the attempt, as for
+  any attempt the dead worker published or started;
+* the pool process dies, its worker alive: the attempt is re-sent after ``lost_after`` (no
+  queue or ``unacked`` entry holds it); while the process lives, its claimer refreshes the
+  claimed attempt's ``published_at``, so a long eager task is never taken for lost.
+
+What it gives up: the eager task is not a message, so Flower (which lists tasks from the
+consumer's events) does not show it, and ``revoke(terminate=True)`` cannot reach it (Baton's
+dashboard and history show every attempt). Hence opt-in, and never for tasks with a Baton
+timeout, Celery time or rate limits, a countdown or eta, or another queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from celery.app.trace import trace_task
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .wiring import Runtime
+
+log = logging.getLogger("baton.eager")
+
+EAGER_SECONDS = 1.0  # no eager step starts later than this after its carrier's own ended
+HEADER_CARRIER = "baton_carrier"  # in an eager task's request: the id of the message it rode on
+_DELAYS = ("countdown", "eta", "expires")
+_ROUTING = ("queue", "exchange", "routing_key")
+
+
+class _Chain(threading.local):
+    """The eager chain this thread is in: set while a delivered activity's result is recorded."""
+
+    active = False  # a decision committed now may keep its next activity here
+    pending: dict[str, Any] | None = None  # the activity kept, run when the decision returns
+    current: str | None = None  # the eager attempt running now
+    steps = 0
+    t0 = 0.0
+    carrier: Any = None  # the delivered task's request
+    queue: str | None = None  # the queue it came from
+
+
+chain = _Chain()
+
+
+def running() -> bool:
+    """Whether the task starting now in this thread is an eager one."""
+    return chain.current is not None
+
+
+def drive(runtime: Runtime, task: Any, record: Callable[[], None]) -> None:
+    """Record a delivered activity's result, then run the eager steps its decisions keep."""
+    limit = runtime.baton.eager_steps
+    if chain.active or limit <= 0 or not _fits_carrier(runtime, task):
+        record()
+        return
+    request = task.request
+    chain.active, chain.pending, chain.steps, chain.t0 = True, None, 0, time.monotonic()
+    chain.carrier = request
+    chain.queue = (getattr(request, "delivery_info", None) or {}).get("routing_key")
+    try:
+        record()
+        while chain.pending is not None:
+            msg, chain.pending = chain.pending, None
+            chain.steps += 1
+            _run(runtime, msg)
+    finally:
+        left = chain.pending  # set only if a step's recording raised after keeping its successor
+        chain.active, chain.pending, chain.current, chain.carrier = False, None, None, None
+        if left is not None:
+            _publish(runtime, left)
+
+
+def keep(runtime: Runtime, messages: list[dict[str, Any]]) -> bool:
+    """Called with a decision's committed activities before they are published: True if this
+    process keeps the one activity to run it eagerly (then it is not published)."""
+    if not chain.active or chain.pending is not None or len(messages) != 1:
+        return False
+    if chain.steps >= runtime.baton.eager_steps or time.monotonic() - chain.t0 > EAGER_SECONDS:
+        return False
+    msg = messages[0]
+    if not _eligible(runtime, msg):
+        return False
+    chain.pending = msg
+    return True
+
+
+def _fits_carrier(runtime: Runtime, task: Any) -> bool:
+    """A carrier's job must not be ended by Celery's per-job time limits while its chain runs."""
+    conf = runtime.app.conf
+    if conf.task_time_limit or conf.task_soft_time_limit:
+        return False
+    return not (getattr(task, "time_limit", None) or getattr(task, "soft_time_limit", None)
+                or any(getattr(task.request, "timelimit", None) or ()))
+
+
+def _eligible(runtime: Runtime, msg: dict[str, Any]) -> bool:
+    if msg["timeout"]:
+        return False  # a Baton timeout ends an attempt by terminating its job
+    task = runtime.app.tasks.get(msg["task"])
+    if task is None or task.rate_limit or task.time_limit or task.soft_time_limit:
+        return False
+    acks_late = task.acks_late if task.acks_late is not None else runtime.app.conf.task_acks_late
+    if not acks_late:
+        return False  # the sweeper's lost-task check only covers late-acked tasks
+    options = msg["options"] or {}
+    if any(options.get(k) for k in _DELAYS) or options.get("time_limit") or options.get("soft_time_limit"):
+        return False
+    return _queue_of(runtime, msg["task"], msg["args"], msg["kwargs"], options) == chain.queue
+
+
+def _queue_of(runtime: Runtime, name: str, args: Any, kwargs: Any, options: dict[str, Any]) -> str | None:
+    """The queue a publish of this activity would go to (Celery's router, as ``send_task`` uses it)."""
+    app = runtime.app
+    if not app.conf.task_routes and not any(options.get(k) for k in _ROUTING):
+        return str(app.conf.task_default_queue)
+    try:
+        route = app.amqp.router.route(dict(options), name, args, kwargs)
+    except Exception:  # an unknown queue: let the publish report it
+        return None
+    queue = route.get("queue")
+    if queue is None:
+        return None
+    key = route.get("routing_key") or getattr(queue, "routing_key", None) or getattr(queue, "name", None)
+    return str(key) if key else None
+
+
+def _run(runtime: Runtime, msg: dict[str, Any]) -> None:
+    """Run one kept activity as a delivered message would run: Celery's tracer, our hooks."""
+    from .dispatch import headers_of
+
+    carrier = chain.carrier
+    headers = headers_of(msg)
+    hostname = getattr(carrier, "hostname", None)
+    # The carrier's id is an attribute, not a header: a `self.retry()` (a real message) copies headers.
+    request = {**headers, HEADER_CARRIER: getattr(carrier, "id", None), "id": msg["id"], "task": msg["task"],
+               "headers": headers, "retries": 0,
+               "delivery_info": getattr(carrier, "delivery_info", None), "hostname": hostname,
+               "is_eager": False, "args": msg["args"], "kwargs": msg["kwargs"],
+               "root_id": getattr(carrier, "root_id", None) or msg["id"], "parent_id": getattr(carrier, "id", None)}
+    task = runtime.app.tasks[msg["task"]]
+    chain.current = msg["id"]
+    try:
+        trace_task(task, msg["id"], msg["args"], msg["kwargs"], request, app=runtime.app, hostname=hostname)
+    except Exception as exc:  # the tracer reports a task's own errors; this is Celery failing around it
+        log.error("baton: running %s eagerly failed (%s); the sweeper re-sends it after lost_after", msg["id"], exc)
+    finally:
+        chain.current = None
+
+
+def _publish(runtime: Runtime, msg: dict[str, Any]) -> None:
+    from . import dispatch
+
+    try:
+        dispatch.publish(runtime, [msg])
+    except Exception as exc:
+        log.warning("baton: publishing %s failed, the sweeper will re-send: %s", msg["id"], exc)
+        dispatch.defer(runtime, [msg["id"]])

@@ -1,0 +1,158 @@
+"""Eager steps (``Baton(eager_steps=N)``): a run's next activity run by the pool process that
+decided it, riding on the message it was delivered, with real workers.
+
+* The chain: at most N steps ride on one delivered message, then the next is published; a
+  step for another queue or with a timeout is always published; none is eager by default.
+* Crashes: the whole worker SIGKILLed during an eager step (another worker re-runs it, found by
+  its stale heartbeat); the pool process SIGKILLed during one, its worker alive (no message
+  holds the attempt: re-sent after ``lost_after``).
+* A long eager step on a live worker is never taken for lost: its claim is renewed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.chaos.diagnose import diagnose_runs
+from tests.chaos.support import ChaosCluster, backend_cluster, count, verify_runs, wait_until
+from tests.chaos.test_lost_requeue import gone, pool_children
+
+pytestmark = pytest.mark.timeout(120)
+
+LOST_AFTER = 3.0
+DEAD_AFTER = 3.0
+EAGER = 3
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def eager(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ChaosCluster]:
+    with backend_cluster(request.param, tmp_path, lost_after=LOST_AFTER, dead_after=DEAD_AFTER) as cluster:
+        yield cluster
+
+
+def result(chaos: ChaosCluster, run: Any, timeout: float) -> Any:
+    try:
+        return run.result(timeout=timeout)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{diagnose_runs(chaos.baton, [run.id], chaos)}") from None
+
+
+def started_eager(chaos: ChaosCluster, run: Any, step: int) -> Any:
+    """The attempt of ``step`` once claimed (eager attempts are claimed like any other)."""
+    return next((t for t in chaos.baton.store.task_rows(run.run_id) if t.step == step and t.state == "started"), None)
+
+
+def test_steps_ride_on_one_message_at_most_eager_steps_in_a_row(eager: ChaosCluster) -> None:
+    chaos = eager
+    chaos.start_worker(concurrency=1, BATON_TEST_EAGER_STEPS=str(EAGER))
+    run = chaos.ns.trail.start(12)
+    got = result(chaos, run, 60)
+    ids = [g[0] for g in got]
+    carriers = [g[1] for g in got]
+    # Step 1 rides on the run's first advance (a baton.advance message), then every (EAGER+1)th
+    # step is published and carries the EAGER after it.
+    assert all(c is not None for c in carriers[:EAGER]), carriers
+    for start in range(EAGER, 12, EAGER + 1):
+        assert carriers[start] is None, f"step {start + 1} should have been published: {carriers}"
+        ridden = carriers[start + 1:start + 1 + EAGER]
+        assert ridden == [ids[start]] * len(ridden), f"steps after {start + 1} should ride on it: {carriers}"
+        assert len({g[2] for g in got[start:start + 1 + EAGER]}) == 1, "a chain runs in one process"
+    verify_runs(chaos.baton, [(run, got)])
+
+
+def test_ineligible_steps_are_published(eager: ChaosCluster) -> None:
+    chaos = eager
+    other = f"{chaos.queue}-other"
+    chaos.start_worker(concurrency=1, queues=(other,), BATON_TEST_EAGER_STEPS=str(EAGER))
+    # Step 2 has a Baton timeout; step 4 goes to another queue (this worker consumes it too, but
+    # a publish might hand it to another), and step 5 back to the first queue, while this process
+    # runs a message of the other: each is published, though the budget allows more.
+    run = chaos.ns.trail.start(5, timeout_at=1, queue_at=3, queue=other)
+    got = result(chaos, run, 60)
+    ids, carriers = [g[0] for g in got], [g[1] for g in got]
+    assert carriers[0] is not None and carriers[2] == ids[1], carriers
+    assert carriers[1] is None and carriers[3] is None and carriers[4] is None, carriers
+    verify_runs(chaos.baton, [(run, got)])
+
+
+def test_no_eager_steps_by_default(eager: ChaosCluster) -> None:
+    chaos = eager
+    chaos.start_worker(concurrency=1)
+    run = chaos.ns.trail.start(6)
+    got = result(chaos, run, 60)
+    assert [g[1] for g in got] == [None] * 6
+    verify_runs(chaos.baton, [(run, got)])
+
+
+def test_worker_killed_during_an_eager_step_is_recovered(eager: ChaosCluster) -> None:
+    chaos = eager
+    key = f"kill-{chaos.queue}"
+    worker = chaos.start_worker(concurrency=1, BATON_TEST_EAGER_STEPS=str(EAGER))
+    wid = chaos.worker_id(worker)
+    run = chaos.ns.trail.start(4, slow_at=2, seconds=2.0, key=key)  # step 3 is slow, and eager
+    row = wait_until(lambda: started_eager(chaos, run, 3), 30, "the slow eager step to be claimed")
+    assert row.worker == wid and count(key) == 1
+    chaos.kill(worker)
+    chaos.start_worker(concurrency=1, BATON_TEST_EAGER_STEPS=str(EAGER))
+    got = result(chaos, run, 60)
+    assert count(key) == 2, f"the slow step ran {count(key)} times, expected 2 (killed, then re-sent)"
+    assert got[2][1] is None, "the re-sent step is a message of its own"
+    assert "stopped heartbeating" in chaos.logs()
+    verify_runs(chaos.baton, [(run, got)])
+
+
+def test_pool_process_killed_during_an_eager_step_is_re_sent_after_lost_after(eager: ChaosCluster) -> None:
+    chaos = eager
+    key = f"child-{chaos.queue}"
+    worker = chaos.start_worker(concurrency=1, BATON_TEST_EAGER_STEPS=str(EAGER))
+    wid = chaos.worker_id(worker)
+    run = chaos.ns.trail.start(4, slow_at=2, seconds=2.0, key=key)
+    row = wait_until(lambda: started_eager(chaos, run, 3), 30, "the slow eager step to be claimed")
+    assert row.worker == wid
+    (child,) = pool_children(worker.pid)
+    os.kill(child, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: gone(child), 10, "the killed pool process to exit")
+    got = result(chaos, run, LOST_AFTER + 40)
+    waited = time.monotonic() - killed
+    assert count(key) == 2, f"the slow step ran {count(key)} times, expected 2 (killed, then re-sent)"
+    assert worker.poll() is None and chaos.worker_id(worker) == wid, "the worker's main process must survive"
+    assert "stopped heartbeating" not in chaos.logs()
+    assert "gone from the broker" in chaos.logs()
+    assert waited >= LOST_AFTER - 1.0, f"re-sent {waited:.1f}s after the kill, before lost_after"
+    verify_runs(chaos.baton, [(run, got)])
+
+
+def test_long_eager_step_on_a_live_worker_is_not_taken_for_lost(eager: ChaosCluster) -> None:
+    chaos = eager
+    key = f"long-{chaos.queue}"
+    seconds = 2.5 * LOST_AFTER
+    worker = chaos.start_worker(concurrency=1, BATON_TEST_EAGER_STEPS=str(EAGER))
+    run = chaos.ns.trail.start(3, slow_at=1, seconds=seconds, key=key)
+    got = result(chaos, run, seconds + 30)
+    assert got[1][1] is not None, "the slow step should have run eagerly"
+    assert count(key) == 1, f"the long eager step ran {count(key)} times: it was re-sent while running"
+    slow = next(t for t in chaos.baton.store.task_rows(run.run_id) if t.step == 2)
+    assert slow.dispatches == 1 and slow.state == "done", (slow.dispatches, slow.state)
+    assert "gone from the broker" not in chaos.logs()
+    assert worker.poll() is None
+    verify_runs(chaos.baton, [(run, got)])
+
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "4"])
+def test_eager_steps_must_be_a_whole_number(bad: Any) -> None:
+    from celery import Celery
+
+    from sdk import Baton
+
+    app = Celery("eager_bad", broker="memory://", set_as_current=False)
+    with pytest.raises(ValueError, match="eager_steps"):
+        Baton(app, database_url="sqlite://", eager_steps=bad)
