@@ -101,7 +101,9 @@ class Claimer:
         self.running: dict[str, tuple[float, Any, str]] = {}  # task id -> (monotonic start, start, worker)
         self.claimed: set[str] = set()
         self.eager: dict[str, float] = {}  # running eager attempts -> monotonic time of their last claim
-        self.wake = threading.Event()
+        self.wake = threading.Event()  # set while there is anything to claim or renew
+        self.poke = threading.Event()  # cuts a sleep short: a start needs a claim before it ends
+        self.until = 0.0  # monotonic end of the loop's current sleep (inf while it looks)
         self.pid = -1
 
     def started(self, task_id: str, worker: str, eager: bool = False, claimed: bool = False) -> None:
@@ -119,6 +121,8 @@ class Claimer:
             self.claimed.add(task_id)
         if not self.wake.is_set():
             self.wake.set()
+        elif self.until > now + self.after:  # asleep until a renewal, past this start's claim
+            self.poke.set()
 
     def finished(self, task_id: str) -> Any:
         """When the task started (None if this process did not see it start)."""
@@ -136,6 +140,7 @@ class Claimer:
     def loop(self) -> None:
         while True:
             self.wake.wait()
+            self.until = float("inf")  # a start from here on pokes: the look below may miss it
             unclaimed, renewals = self._unclaimed(), self._renewals()
             if not unclaimed and not renewals:
                 self.wake.clear()
@@ -145,7 +150,9 @@ class Claimer:
             now = time.monotonic()
             wait = min([t0 + self.after for t0, _ in unclaimed] + [t + self.renew_every for t, _ in renewals]) - now
             if wait > 0:
-                time.sleep(wait + 0.001)
+                self.until = now + wait
+                self.poke.wait(wait + 0.001)
+                self.poke.clear()
                 continue
             due = {tid: v for t0, tid in unclaimed if now - t0 >= self.after and (v := self.running.get(tid))}
             renew = [tid for t, tid in renewals if now - t >= self.renew_every]

@@ -64,3 +64,37 @@ def test_claim_after_must_be_below_the_recovery_windows() -> None:
         Baton(app, database_url="sqlite://", claim_after=20.0)  # above dead_after (10 s)
     with pytest.raises(ValueError, match="claim_after"):
         Baton(app, database_url="sqlite://", claim_after=-1)
+
+
+def test_a_start_is_claimed_while_the_claimer_waits_to_renew_an_eager_claim(tmp_path: object) -> None:
+    """The claimer sleeps until its next claim or renewal; an eager attempt's renewal is far off
+    (``lost_after / 4``), and a task that starts meanwhile must still be claimed after ``claim_after``,
+    not after the renewal (a real SQLite store, the claimer's own thread)."""
+    from celery import Celery
+    from sqlalchemy import insert
+
+    from persistence.models import utcnow
+    from persistence.store import tasks_t
+    from tasks.activities import Claimer
+
+    app = Celery("claims", broker="memory://", set_as_current=False)
+    baton = Baton(app, database_url=f"sqlite:///{tmp_path}/claims.sqlite3", claim_after=0.05, lost_after=200.0)
+    store = baton.runtime.store
+    store.ensure_schema()
+    with store.tx() as conn:
+        for i, tid in enumerate(("r:1:0:1", "r:2:0:1")):
+            conn.execute(insert(tasks_t).values(id=tid, run_id="r", step=i + 1, slot=0, attempt=1, task="t",
+                                                args="[]", kwargs="{}", options="{}", state="scheduled",
+                                                created_at=utcnow(), published_at=utcnow()))
+    claimer = Claimer(baton.runtime)
+    claimer.started("r:1:0:1", "host/1", eager=True, claimed=True)  # renewal due in 50 s
+    wait_for(lambda: claimer.until > time.monotonic() + 10, 10, "the claimer to sleep until the renewal")
+    claimer.finished("r:1:0:1")
+    t0 = time.monotonic()
+    claimer.started("r:2:0:1", "host/1")
+
+    def state() -> str:
+        return next(r.state for r in store.task_rows("r") if r.id == "r:2:0:1")
+
+    wait_for(lambda: state() == "started", 5, "the second attempt to be claimed")
+    assert time.monotonic() - t0 < 5
