@@ -150,9 +150,13 @@ class Claimer:
             now = time.monotonic()
             wait = min([t0 + self.after for t0, _ in unclaimed] + [t + self.renew_every for t, _ in renewals]) - now
             if wait > 0:
-                self.until = now + wait
-                self.poke.wait(wait + 0.001)
-                self.poke.clear()
+                if wait <= self.after:  # no start from now on can be due sooner
+                    self.until = 0.0
+                    time.sleep(wait + 0.001)
+                else:  # waiting for a renewal: a start must cut it short
+                    self.until = now + wait
+                    self.poke.wait(wait + 0.001)
+                    self.poke.clear()
                 continue
             due = {tid: v for t0, tid in unclaimed if now - t0 >= self.after and (v := self.running.get(tid))}
             renew = [tid for t, tid in renewals if now - t >= self.renew_every]
