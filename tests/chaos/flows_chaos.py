@@ -95,6 +95,13 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
         time.sleep(seconds)
         return [self.request.id, self.request.get("baton_carrier"), os.getpid()]
 
+    @app.task(name="c.celery_retry", bind=True)
+    def celery_retry(self: Any, key: str) -> list[Any]:
+        """Asks Celery for a retry on its first run (``self.retry``: a new message, same id)."""
+        if bump(key) == 1:
+            raise self.retry(countdown=0)
+        return [self.request.id, self.request.get("baton_carrier"), self.request.retries]
+
     @app.task(name="c.big")
     def big(n: int) -> str:
         return "x" * n
@@ -191,6 +198,13 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
             got = yield (step(sig, timeout=30.0) if i == timeout_at else sig)
             out.append(got)
         return out
+
+    @workflow
+    def retried(key: str):  # type: ignore[no-untyped-def]
+        first = yield whence.s()
+        again = yield celery_retry.s(key)
+        last = yield whence.s()
+        return [first, again, last]
 
     # ------------------------------------------------------------ bad input that reaches a worker
     @workflow

@@ -7,6 +7,7 @@ decided it, riding on the message it was delivered, with real workers.
   its stale heartbeat); the pool process SIGKILLed during one, its worker alive (no message
   holds the attempt: re-sent after ``lost_after``).
 * A long eager step on a live worker is never taken for lost: its claim is renewed.
+* Celery's own ``self.retry()`` from an eager task, and a run cancelled during an eager step.
 """
 
 from __future__ import annotations
@@ -89,6 +90,44 @@ def test_no_eager_steps_by_default(eager: ChaosCluster) -> None:
     got = result(chaos, run, 60)
     assert [g[1] for g in got] == [None] * 6
     verify_runs(chaos.baton, [(run, got)])
+
+
+def test_an_eager_task_that_asks_celery_for_a_retry(eager: ChaosCluster) -> None:
+    """``self.retry()`` in an eager task publishes the retry as a message (same id), as it would
+    from a delivered one; the run goes on when that message is delivered."""
+    chaos = eager
+    key = f"retry-{chaos.queue}"
+    chaos.start_worker(concurrency=1, BATON_TEST_EAGER_STEPS=str(EAGER))
+    run = chaos.ns.retried.start(key)
+    first, again, last = result(chaos, run, 60)
+    assert count(key) == 2, f"ran {count(key)} times, expected 2 (the retry once)"
+    assert again[2] == 1 and again[1] is None, f"the retry is a delivered message: {again}"
+    assert last[1] == again[0], "the step after it rides on the retry's message"
+    (row,) = [t for t in chaos.baton.store.task_rows(run.run_id) if t.step == 2]
+    assert row.id == again[0] and row.state == "done"
+    verify_runs(chaos.baton, [(run, [first, again, last])])
+
+
+def test_a_run_cancelled_during_an_eager_step_goes_no_further(eager: ChaosCluster) -> None:
+    """``revoke`` cannot reach an eager task: it runs to its end, its result is ignored, and the
+    cancelled run starts nothing more."""
+    chaos = eager
+    key = f"cancel-{chaos.queue}"
+    chaos.start_worker(concurrency=2, BATON_TEST_EAGER_STEPS=str(EAGER))  # the other process takes the cancel
+    run = chaos.ns.trail.start(3, slow_at=1, seconds=1.5, key=key)
+    row = wait_until(lambda: started_eager(chaos, run, 2), 30, "the slow eager step to be claimed")
+    assert run.cancel("enough") is True
+    wait_until(lambda: chaos.baton.store.get_run(run.run_id).status == "cancelled", 30, "the run to end cancelled")
+    assert next(t for t in chaos.baton.store.task_rows(run.run_id) if t.id == row.id).state == "cancelled"
+    # A warm shutdown waits for the carrier's job, so the eager step's end and its recording too.
+    worker = chaos.procs[0]
+    os.kill(worker.pid, signal.SIGTERM)  # the main process only: its pool finishes what it holds
+    worker.wait(30)
+    assert f"c.whence[{row.id}] succeeded" in chaos.logs(), "the eager step should have run to its end"
+    rows = chaos.baton.store.task_rows(run.run_id)
+    assert [t.step for t in rows] == [1, 2], "a cancelled run started another step"
+    assert next(t for t in rows if t.id == row.id).state == "cancelled"
+    assert count(key) == 1
 
 
 def test_worker_killed_during_an_eager_step_is_recovered(eager: ChaosCluster) -> None:
