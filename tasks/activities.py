@@ -21,6 +21,7 @@ import os
 import threading
 import time
 import traceback
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
@@ -106,7 +107,8 @@ class Claimer:
         self.until = 0.0  # monotonic end of the loop's current sleep (inf while it looks)
         self.pid = -1
 
-    def started(self, task_id: str, worker: str, eager: bool = False, claimed: bool = False) -> None:
+    def started(self, task_id: str, worker: str, eager: bool = False, claimed: datetime | None = None) -> None:
+        """Note a start; ``claimed``: the time it was already claimed with (then only renewed)."""
         if self.pid != os.getpid():  # first task in this (forked) process: start the thread here
             self.pid = os.getpid()
             self.running.clear()
@@ -116,8 +118,8 @@ class Claimer:
         now = time.monotonic()
         if eager:
             self.eager[task_id] = now
-        self.running[task_id] = (now, utcnow(), worker)
-        if claimed:
+        self.running[task_id] = (now, claimed or utcnow(), worker)
+        if claimed is not None:
             self.claimed.add(task_id)
         if not self.wake.is_set():
             self.wake.set()
@@ -193,7 +195,7 @@ def on_prerun(runtime: Runtime, task_id: str, task: Any, headers: dict[str, Any]
     except Exception as exc:  # the run still completes: the result is recorded in postrun
         log.warning("baton: could not mark %s started: %s", task_id, exc)
     if is_eager:  # renew its claim while it runs
-        runtime.claimer.started(task_id, me, eager=True, claimed=True)
+        runtime.claimer.started(task_id, me, eager=True, claimed=now)
 
 
 def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: str) -> None:

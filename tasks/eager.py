@@ -1,6 +1,7 @@
 """Eager steps: a run's next activity run by the pool process that just decided it.
 
-With ``Baton(eager_steps=N)``, when recording an activity's result decides one next activity
+With ``Baton(eager_steps=N)``, when recording an activity's result (or a ``baton.advance``
+task: a run's first decision, a timer, a signal) decides one next activity
 that this very worker would be handed anyway (the same queue, no delay, no limits Celery
 enforces per message), the pool process runs it at once, through Celery's own tracer (the
 task's signals, result backend and ``self.retry()`` behave as for a delivered message),

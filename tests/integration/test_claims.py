@@ -87,7 +87,7 @@ def test_a_start_is_claimed_while_the_claimer_waits_to_renew_an_eager_claim(tmp_
                                                 args="[]", kwargs="{}", options="{}", state="scheduled",
                                                 created_at=utcnow(), published_at=utcnow()))
     claimer = Claimer(baton.runtime)
-    claimer.started("r:1:0:1", "host/1", eager=True, claimed=True)  # renewal due in 50 s
+    claimer.started("r:1:0:1", "host/1", eager=True, claimed=utcnow())  # renewal due in 50 s
     wait_for(lambda: claimer.until > time.monotonic() + 10, 10, "the claimer to sleep until the renewal")
     claimer.finished("r:1:0:1")
     t0 = time.monotonic()
