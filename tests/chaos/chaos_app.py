@@ -1,7 +1,8 @@
 """The module ``celery -A tests.chaos.chaos_app worker`` loads in chaos and bad-input workers.
 
 URLs and Baton's recovery knobs come from the environment, so each test tunes its workers:
-``BATON_TEST_DEAD_AFTER``, ``BATON_TEST_LOST_AFTER``, ``BATON_TEST_SWEEP_INTERVAL`` (seconds),
+``BATON_TEST_DEAD_AFTER``, ``BATON_TEST_LOST_AFTER``, ``BATON_TEST_SWEEP_INTERVAL``,
+``BATON_TEST_CLAIM_AFTER`` (seconds),
 ``BATON_TEST_EAGER_STEPS`` (Baton's ``eager_steps``),
 ``BATON_TEST_OMIT`` (comma-separated workflow names this worker does not have).
 """
@@ -17,7 +18,7 @@ def knobs() -> dict[str, float]:
     """Baton keyword arguments read from the environment."""
     out: dict[str, float] = {}
     for env, kw in (("BATON_TEST_DEAD_AFTER", "dead_after"), ("BATON_TEST_LOST_AFTER", "lost_after"),
-                    ("BATON_TEST_SWEEP_INTERVAL", "sweep_interval")):
+                    ("BATON_TEST_SWEEP_INTERVAL", "sweep_interval"), ("BATON_TEST_CLAIM_AFTER", "claim_after")):
         if os.environ.get(env):
             out[kw] = float(os.environ[env])
     if os.environ.get("BATON_TEST_EAGER_STEPS"):

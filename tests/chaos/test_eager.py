@@ -169,11 +169,12 @@ def test_pool_process_killed_during_an_eager_step_is_re_sent_after_lost_after(ea
     verify_runs(chaos.baton, [(run, got)])
 
 
-def test_long_eager_step_on_a_live_worker_is_not_taken_for_lost(eager: ChaosCluster) -> None:
+@pytest.mark.parametrize("claim_after", ["0.2", "0"])  # claimed by the claimer thread, or at its start
+def test_long_eager_step_on_a_live_worker_is_not_taken_for_lost(eager: ChaosCluster, claim_after: str) -> None:
     chaos = eager
     key = f"long-{chaos.queue}"
     seconds = 2.5 * LOST_AFTER
-    worker = chaos.start_worker(concurrency=1, BATON_TEST_EAGER_STEPS=str(EAGER))
+    worker = chaos.start_worker(concurrency=1, BATON_TEST_EAGER_STEPS=str(EAGER), BATON_TEST_CLAIM_AFTER=claim_after)
     run = chaos.ns.trail.start(3, slow_at=1, seconds=seconds, key=key)
     got = result(chaos, run, seconds + 30)
     assert got[1][1] is not None, "the slow step should have run eagerly"
