@@ -35,15 +35,17 @@ HEADER_TIMEOUT = "baton_timeout"
 PUBLISH_CHUNK = 64  # messages per pipeline: workers can start on the first ones while the rest go out
 
 
-def publish(runtime: Runtime, messages: list[dict[str, Any]]) -> None:
+def publish(runtime: Runtime, messages: list[dict[str, Any]], may_keep: bool = True) -> None:
     """Send activity attempts (their rows are already committed).
 
     Several at once (a fan-out) go through kombu's producer batch, in chunks: on Redis one
-    pipeline of LPUSHes per chunk instead of a client and a round trip per message.
+    pipeline of LPUSHes per chunk instead of a client and a round trip per message. With eager
+    steps, a decision's one next activity may be kept to run in this process instead
+    (``tasks.eager``); never a re-send (``may_keep=False``).
     """
     if not messages:
         return
-    if eager.keep(runtime, messages):
+    if may_keep and eager.keep(runtime, messages):
         return
     runtime.ensure_broker()
     if len(messages) == 1:
@@ -102,7 +104,7 @@ def republish(runtime: Runtime, ids: list[str]) -> int:
     store = runtime.store
     with store.read() as conn:
         rows = [r for r in conn.execute(select(tasks_t).where(tasks_t.c.id.in_(ids))) if r.state == "scheduled"]
-    publish(runtime, [rt.row_message(r) for r in rows])
+    publish(runtime, [rt.row_message(r) for r in rows], may_keep=False)
     with store.tx() as conn:
         rt.mark_published(conn, [r.id for r in rows], utcnow())
     return len(rows)

@@ -173,7 +173,7 @@ def _publish(runtime: Runtime, msg: dict[str, Any]) -> None:
     from . import dispatch
 
     try:
-        dispatch.publish(runtime, [msg])
+        dispatch.publish(runtime, [msg], may_keep=False)
     except Exception as exc:
         log.warning("baton: publishing %s failed, the sweeper will re-send: %s", msg["id"], exc)
         dispatch.defer(runtime, [msg["id"]])
