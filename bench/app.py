@@ -11,6 +11,7 @@
 - ``BENCH_QUEUE``: the queue both the client and the worker use;
 - ``BENCH_CACHE_SIZE``: Baton's live-generator cache size per process (default: Baton's own);
 - ``BENCH_EAGER_STEPS``: ``Baton(eager_steps=...)`` (default 0: every activity is a message);
+- ``BENCH_TASK_EVENTS=1``: both sides' workers send task events (``worker_send_task_events``, as ``-E``);
 - ``BENCH_BARE_DEFAULTS=1``: the bare side keeps Celery's defaults instead of Baton's delivery settings;
 - ``BENCH_SQL_STATS=<prefix>``: count and time every SQL statement SQLAlchemy runs (``bench/profile.py
   --sql``; the hot path's driver SQL, ``persistence/hot.py``, bypasses it);
@@ -48,6 +49,8 @@ def _base_app(name: str, broker: str, queue: str) -> Celery:
     app.conf.broker_transport_options = {"visibility_timeout": 3600}
     app.conf.worker_hijack_root_logger = False
     app.conf.worker_redirect_stdouts = False
+    if os.environ.get("BENCH_TASK_EVENTS"):  # both sides' workers send task events, as under Flower (-E)
+        app.conf.worker_send_task_events = True
     return app
 
 

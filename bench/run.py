@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="bare side with Celery's own defaults (early ack, prefetch 4) instead of Baton's settings")
     p.add_argument("--eager-steps", type=int, default=0,
                    help="Baton(eager_steps=N): up to N next activities run in the deciding process (default 0)")
+    p.add_argument("--task-events", action="store_true",
+                   help="both sides' workers send task events (as with -E, for Flower)")
     p.add_argument("--json", default=None, help="write all measurements to this file")
     p.add_argument("--keep", action="store_true", help="keep the PostgreSQL schema and the worker logs")
     for key in ("seq", "fan", "hist", "mem"):
@@ -513,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.hist_size:
         size["points"] = (*(k for k in (50, 500, 5000) if k < a.hist_size), a.hist_size)
     reps = a.reps or size["reps"]
+    if a.task_events:
+        os.environ["BENCH_TASK_EVENTS"] = "1"  # read by bench.app._base_app, in both sides' workers
     if a.eager_steps:
         os.environ["BENCH_EAGER_STEPS"] = str(a.eager_steps)  # read by bench.app.build_baton in the Baton worker
     if a.bare_celery_defaults:
@@ -562,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.time() - started
     head = (f"{'quick' if a.quick else 'full'} mode, store {a.store}, Redis broker, pool {a.pool} -c {a.concurrency}, "
             f"medians of {reps} (history, memory: one run each), {elapsed:.0f} s in all; load average at the end "
-            f"{loadavg()}" + (f"; Baton with eager_steps={a.eager_steps}" if a.eager_steps else ""))
+            f"{loadavg()}" + (f"; Baton with eager_steps={a.eager_steps}" if a.eager_steps else "")
+            + ("; task events on both sides" if a.task_events else ""))
     print(head)
     print(f"machine: {info['cpu']}, {info['memory']}, {info['os']}, Python {info['python']}, Celery "
           f"{info['celery']}, kombu {info['kombu']}, SQLAlchemy {info['sqlalchemy']}; code {info['code']}")

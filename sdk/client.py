@@ -51,8 +51,9 @@ class Baton:
         eager_steps: when recording an activity's result decides one next activity for the same
             queue, run it in the same worker process instead of publishing it, up to this many
             steps in a row per delivered message (0, the default: every activity is a message).
-            Saves the broker hop and keeps the run's generator warm; eager tasks do not appear
-            in Flower (see ``docs/design.md``, *Eager steps*).
+            Saves the broker hop and keeps the run's generator warm. Flower lists eager tasks
+            only if the worker sends task events from its start (``-E``); see ``docs/design.md``,
+            *Eager steps*.
     """
 
     def __init__(

@@ -77,15 +77,21 @@ def _send(runtime: Runtime, msg: dict[str, Any], producer: Any) -> None:
         options.setdefault("declare", [])
     if msg["attempt"] > 1:
         options.pop("countdown", None)  # a retry waited on not_before, not on the broker
-    kwargs = msg["kwargs"]
-    shown = {**kwargs, "baton_run": msg["run_id"], "baton_step": msg["step"]}
-    if msg["slot"]:
-        shown["baton_slot"] = msg["slot"]
-    if msg["attempt"] > 1:
-        shown["baton_attempt"] = msg["attempt"]
-    runtime.app.send_task(msg["task"], args=msg["args"], kwargs=kwargs, task_id=msg["id"], headers=headers_of(msg),
-                          argsrepr=repr(tuple(msg["args"])), kwargsrepr=repr(shown), producer=producer, **options)
+    argsrepr, kwargsrepr = shown(msg)
+    runtime.app.send_task(msg["task"], args=msg["args"], kwargs=msg["kwargs"], task_id=msg["id"],
+                          headers=headers_of(msg), argsrepr=argsrepr, kwargsrepr=kwargsrepr, producer=producer,
+                          **options)
     _declared.add(where)
+
+
+def shown(msg: dict[str, Any]) -> tuple[str, str]:
+    """An attempt's arguments as Flower shows them: the kwargs with Baton's ids mirrored in."""
+    kwargs = {**msg["kwargs"], "baton_run": msg["run_id"], "baton_step": msg["step"]}
+    if msg["slot"]:
+        kwargs["baton_slot"] = msg["slot"]
+    if msg["attempt"] > 1:
+        kwargs["baton_attempt"] = msg["attempt"]
+    return repr(tuple(msg["args"])), repr(kwargs)
 
 
 def headers_of(msg: dict[str, Any]) -> dict[str, Any]:

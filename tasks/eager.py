@@ -21,20 +21,27 @@ a duplicate result, dropped. An eager attempt has no message of its own, so reco
   queue or ``unacked`` entry holds it); while the process lives, its claimer refreshes the
   claimed attempt's ``published_at``, so a long eager task is never taken for lost.
 
-What it gives up: the eager task is not a message, so Flower (which lists tasks from the
-consumer's events) does not show it, and ``revoke(terminate=True)`` cannot reach it (Baton's
-dashboard and history show every attempt). Hence opt-in, and never for tasks with a Baton
-timeout, Celery time or rate limits, a countdown or eta, or another queue.
+Flower lists tasks from the events the consumer sends for the messages it receives; an eager
+task is not one, so when the worker sends task events (``-E`` or ``worker_send_task_events``,
+known at its start) the pool process sends them itself (received, started, then succeeded,
+failed or retried). Events that Flower switches on at run time (``enable_events``) reach only
+the consumer, so then eager steps go unlisted. What it gives up: ``revoke(terminate=True)``
+cannot reach an eager task (it runs to its end; its result is ignored if the run moved on).
+Hence opt-in, and never for tasks with a Baton timeout, Celery time or rate limits, a
+countdown or eta, or another queue.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from celery import states
 from celery.app.trace import trace_task
+from celery.utils.saferepr import saferepr as safe_repr
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -147,8 +154,9 @@ def _queue_of(runtime: Runtime, name: str, args: Any, kwargs: Any, options: dict
 
 
 def _run(runtime: Runtime, msg: dict[str, Any]) -> None:
-    """Run one kept activity as a delivered message would run: Celery's tracer, our hooks."""
-    from .dispatch import headers_of
+    """Run one kept activity as a delivered message would run: Celery's tracer, our hooks, and
+    the task events the consumer would have sent (when the worker sends them: ``-E``)."""
+    from .dispatch import headers_of, shown  # dispatch imports this module
 
     carrier = chain.carrier
     headers = headers_of(msg)
@@ -156,17 +164,59 @@ def _run(runtime: Runtime, msg: dict[str, Any]) -> None:
     # The carrier's id is an attribute, not a header: a `self.retry()` (a real message) copies headers.
     request = {**headers, HEADER_CARRIER: getattr(carrier, "id", None), "id": msg["id"], "task": msg["task"],
                "headers": headers, "retries": 0,
-               "delivery_info": getattr(carrier, "delivery_info", None), "hostname": hostname,
+               "delivery_info": {**(getattr(carrier, "delivery_info", None) or {}), "redelivered": False},
+               "hostname": hostname,
                "is_eager": False, "args": msg["args"], "kwargs": msg["kwargs"],
                "root_id": getattr(carrier, "root_id", None) or msg["id"], "parent_id": getattr(carrier, "id", None)}
     task = runtime.app.tasks[msg["task"]]
+    events = _events(runtime, hostname) if runtime.task_events else None
+    if events is not None:  # what the consumer would have sent for a delivered message, so Flower lists it
+        argsrepr, kwargsrepr = shown(msg)
+        _send_event(events, "task-received", uuid=msg["id"], name=msg["task"], args=argsrepr, kwargs=kwargsrepr,
+                    root_id=request["root_id"], parent_id=request["parent_id"], retries=0, eta=None, expires=None)
+        _send_event(events, "task-started", uuid=msg["id"], pid=os.getpid())
     chain.current = msg["id"]
     try:
-        trace_task(task, msg["id"], msg["args"], msg["kwargs"], request, app=runtime.app, hostname=hostname)
+        outcome = trace_task(task, msg["id"], msg["args"], msg["kwargs"], request, app=runtime.app,
+                             hostname=hostname)
     except Exception as exc:  # the tracer reports a task's own errors; this is Celery failing around it
         log.error("baton: running %s eagerly failed (%s); the sweeper re-sends it after lost_after", msg["id"], exc)
+        return
     finally:
         chain.current = None
+    if events is not None:
+        returned, info, runtime_s, text = outcome
+        if info is None:
+            _send_event(events, "task-succeeded", uuid=msg["id"], result=text, runtime=runtime_s)
+        elif info.state == states.FAILURE:
+            _send_event(events, "task-failed", uuid=msg["id"], exception=safe_repr(info.retval),
+                        traceback=getattr(returned, "traceback", None))
+        elif info.state == states.RETRY:
+            _send_event(events, "task-retried", uuid=msg["id"], exception=safe_repr(info.retval))
+
+
+_dispatchers: dict[int, Any] = {}  # per process: an event dispatcher on its own connection
+
+
+def _events(runtime: Runtime, hostname: Any) -> Any:
+    dispatcher = _dispatchers.get(os.getpid())
+    if dispatcher is None:
+        try:
+            conn = runtime.app.connection_for_write()
+            dispatcher = runtime.app.events.Dispatcher(conn, hostname=hostname, enabled=True)
+        except Exception as exc:  # events are for monitoring: never stop a step for them
+            log.warning("baton: cannot send task events for eager steps: %s", exc)
+            return None
+        _dispatchers.clear()  # a parent's, inherited by a fork
+        _dispatchers[os.getpid()] = dispatcher
+    return dispatcher
+
+
+def _send_event(dispatcher: Any, kind: str, **fields: Any) -> None:
+    try:
+        dispatcher.send(kind, **fields)
+    except Exception as exc:
+        log.warning("baton: could not send %s for an eager step: %s", kind, exc)
 
 
 def _publish(runtime: Runtime, msg: dict[str, Any]) -> None:

@@ -137,9 +137,13 @@ class Runtime:
         signals.worker_init.connect(self._worker_init, weak=False)
         self._broker_ready = False
         self._store: Store | None = None
+        self.task_events = False  # set at worker start: whether it sends task events
 
-    def _worker_init(self, **_: Any) -> None:
-        """Refuse to start a worker on an unusable store (e.g. an older schema), before any task."""
+    def _worker_init(self, sender: Any = None, **_: Any) -> None:
+        """Refuse to start a worker on an unusable store (e.g. an older schema), before any task.
+        Also note whether it sends task events (``-E``): its pool processes, forked later, then
+        send them for eager steps too (``tasks.eager``), so Flower lists those."""
+        self.task_events = bool(getattr(sender, "task_events", False) or self.app.conf.worker_send_task_events)
         try:
             self.store.ensure_schema()
         except BatonError as exc:

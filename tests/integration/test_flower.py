@@ -31,7 +31,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_worker_with_events(cluster: Cluster) -> subprocess.Popen[bytes]:
+def _start_worker_with_events(cluster: Cluster, **env: str) -> subprocess.Popen[bytes]:
     """Like ``cluster.start_worker`` but with ``-E``, as docs/dashboard.md tells users to run it."""
     cluster.n += 1
     log = open(cluster.tmp / f"worker{cluster.n}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -39,7 +39,7 @@ def _start_worker_with_events(cluster: Cluster) -> subprocess.Popen[bytes]:
         [sys.executable, "-m", "celery", "-A", "tests.fixtures.worker_app", "worker", "-E", "-P", "prefork", "-c", "2",
          "-n", f"w{cluster.n}-{cluster.queue}@%h", "-Q", cluster.queue, "--without-mingle", "--without-gossip",
          "-l", "INFO"],
-        cwd=ROOT, env=cluster.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT, env=cluster.env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     cluster.procs.append(proc)
     cluster.wait_ready(proc)
@@ -142,3 +142,41 @@ def test_flower_finds_activities_by_run_id_and_serves_workflows(cluster: Cluster
     assert waiting.result(timeout=30) == [7]
     assert json.loads(c.get("/workflows/api/runs/flower-wait/version", headers=BASIC).text)["status"] == "completed"
     assert worker.poll() is None
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_flower_lists_eager_steps(cluster: Cluster) -> None:
+    """With ``eager_steps``, a run's steps ride on one message, and Flower never receives the others; the
+    pool process sends their task events itself (worker started with ``-E``), so Flower lists them all."""
+    _start_worker_with_events(cluster, BATON_TEST_EAGER_STEPS="8")
+    port = _free_port()
+    flower = _start_flower(cluster, port)
+    c = Session(f"http://127.0.0.1:{port}{PREFIX}")
+
+    def up() -> bool:
+        assert flower.poll() is None, f"flower exited: {_flower_log(cluster)}"
+        try:
+            return c.get("/healthcheck").status == 200
+        except OSError:
+            return False
+
+    wait_for(up, 60, "Flower to answer /healthcheck")
+    worker_name = f"w{cluster.n}-{cluster.queue}@"
+    wait_for(lambda: f'worker="{worker_name}' in c.get("/metrics").text, 60, "Flower to see the worker online")
+    run = cluster.ns.sequence.start(4, workflow_id="eager-seq")
+    assert run.result(timeout=60) == 4
+    ids = {f"eager-seq:{step}:0:1" for step in range(1, 5)}
+    # Steps 1-4 ride on the run's first baton.advance message: the consumer never received them.
+    logs = cluster.logs()
+    assert all(f"t.add[{i}] succeeded" in logs for i in ids), logs[-3000:]
+    assert not any(f"t.add[{i}] received" in logs for i in ids), "the steps should have run eagerly"
+
+    def listed() -> dict[str, Any] | None:
+        found = c.get("/api/tasks?search=eager-seq", headers=BASIC).json()
+        done = {u: t for u, t in found.items() if t["name"] == "t.add" and t["state"] == "SUCCESS"}
+        return done if set(done) == ids else None
+
+    tasks = wait_for(listed, 60, "Flower to list every eager step as SUCCESS")
+    for t in tasks.values():
+        assert "'baton_run': 'eager-seq'" in t["kwargs"] and t["worker"].startswith(worker_name)
+        assert t["runtime"] is not None and t["result"] is not None
