@@ -51,7 +51,8 @@ class Baton:
         eager_steps: when recording an activity's result decides one next activity for the same
             queue, run it in the same worker process instead of publishing it, up to this many
             steps in a row per delivered message (0, the default: every activity is a message).
-            Saves the broker hop and keeps the run's generator warm. Flower lists eager tasks
+            Saves the broker hop and keeps the run's generator warm. Redis brokers only (the
+            sweeper must read the queues to find a lost eager step). Flower lists eager tasks
             only if the worker sends task events from its start (``-E``); see ``docs/design.md``,
             *Eager steps*.
     """

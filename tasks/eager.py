@@ -19,7 +19,9 @@ a duplicate result, dropped. An eager attempt has no message of its own, so reco
   any attempt the dead worker published or started;
 * the pool process dies, its worker alive: the attempt is re-sent after ``lost_after`` (no
   queue or ``unacked`` entry holds it); while the process lives, its claimer refreshes the
-  claimed attempt's ``published_at``, so a long eager task is never taken for lost.
+  claimed attempt's ``published_at``, so a long eager task is never taken for lost. Only a
+  Redis broker (the embedded one included) lets the sweeper tell, so on any other broker
+  there are no eager steps.
 
 Flower lists tasks from the events the consumer sends for the messages it receives; an eager
 task is not one, so when the worker sends task events (``-E`` or ``worker_send_task_events``,
@@ -78,9 +80,11 @@ def running() -> bool:
 
 def drive(runtime: Runtime, task: Any, record: Callable[[], None]) -> None:
     """Record a delivered activity's result, then run the eager steps its decisions keep."""
+    from .dispatch import can_list_queues
+
     limit = runtime.baton.eager_steps
-    if chain.active or limit <= 0 or not _fits_carrier(runtime, task):
-        record()
+    if chain.active or limit <= 0 or not can_list_queues(runtime) or not _fits_carrier(runtime, task):
+        record()  # (only a broker whose queues the sweeper can read lets it find a lost eager step)
         return
     request = task.request
     chain.active, chain.pending, chain.steps, chain.t0 = True, None, 0, time.monotonic()

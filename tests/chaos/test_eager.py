@@ -196,3 +196,30 @@ def test_eager_steps_must_be_a_whole_number(bad: Any) -> None:
     app = Celery("eager_bad", broker="memory://", set_as_current=False)
     with pytest.raises(ValueError, match="eager_steps"):
         Baton(app, database_url="sqlite://", eager_steps=bad)
+
+
+@pytest.mark.parametrize(("broker", "eager_on"), [("redis://127.0.0.1:6379/0", True),
+                                                   ("amqp://guest@127.0.0.1:5672//", False)])
+def test_eager_steps_only_on_a_broker_the_sweeper_can_read(broker: str, eager_on: bool, tmp_path: Path) -> None:
+    """The sweeper finds a lost eager step by reading the queues and ``unacked``: Redis only. Elsewhere a
+    decision is never kept (the carrier's recording runs outside any eager chain)."""
+    from celery import Celery
+
+    from sdk import Baton
+    from tasks import eager as eager_mod
+
+    app = Celery("eager_broker", broker=broker, set_as_current=False)
+    baton = Baton(app, database_url=f"sqlite:///{tmp_path}/b.sqlite3", eager_steps=4)
+
+    @app.task(name="e.noop")
+    def noop() -> None:
+        return None
+
+    noop.push_request(id="r:1:0:1", delivery_info={"routing_key": "celery"}, hostname="h@x")
+    try:
+        seen: list[bool] = []
+        eager_mod.drive(baton.runtime, noop, lambda: seen.append(eager_mod.chain.active))
+    finally:
+        noop.pop_request()
+    assert seen == [eager_on]
+    assert not eager_mod.chain.active
