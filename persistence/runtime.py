@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, insert, or_, select, update
+from sqlalchemy import Connection, and_, insert, or_, select, update
 
 from sdk import checkpoint as cp
 from sdk import serde
@@ -459,6 +459,13 @@ def seen_held(conn: Connection, ids: list[str], now: datetime) -> None:
     """Started attempts whose message a worker still holds: look again after another lost_after."""
     conn.execute(update(tasks_t).where(tasks_t.c.id.in_(ids), tasks_t.c.state == "started")
                  .values(published_at=now))
+
+
+def open_attempts(conn: Connection, run_id: str) -> list[Any]:
+    """A run's attempts sent and not settled: started, or scheduled and published."""
+    return list(conn.execute(select(tasks_t.c.id, tasks_t.c.state, tasks_t.c.options).where(
+        tasks_t.c.run_id == run_id, or_(tasks_t.c.state == "started", and_(
+            tasks_t.c.state == "scheduled", tasks_t.c.published_at.is_not(None))))))
 
 
 def reset_started(conn: Connection, ids: list[str]) -> list[str]:

@@ -236,7 +236,7 @@ def on_postrun(runtime: Runtime, task_id: str, task: Any, retval: Any, state: st
             logging.shutdown()
             os._exit(70)
 
-    eager.drive(runtime, task, record)  # with eager_steps, then runs the next activities it kept here
+    eager.drive(runtime, task, run_id, record)  # with eager_steps, then runs the next activities it kept here
     fault("after_publish")  # recorded and published, not yet acknowledged
 
 

@@ -17,11 +17,12 @@ a duplicate result, dropped. An eager attempt has no message of its own, so reco
 
 * the whole worker dies: its heartbeat stops and the sweeper re-sends the attempt, as for
   any attempt the dead worker published or started;
-* the pool process dies, its worker alive: the attempt is re-sent after ``lost_after`` (no
-  queue or ``unacked`` entry holds it); while the process lives, its claimer refreshes the
-  claimed attempt's ``published_at``, so a long eager task is never taken for lost. Only a
-  Redis broker (the embedded one included) lets the sweeper tell, so on any other broker
-  there are no eager steps.
+* the pool process dies, its worker alive: Celery requeues the carrier at once, and its
+  redelivery re-sends the run's attempts that no queue or ``unacked`` entry holds
+  (:func:`_rescue`); failing that, the sweeper re-sends the attempt after ``lost_after``.
+  While the process lives, its claimer refreshes the claimed attempt's ``published_at``, so a
+  long eager task is never taken for lost. Only a Redis broker (the embedded one included)
+  lets Baton tell, so on any other broker there are no eager steps.
 
 Flower lists tasks from the events the consumer sends for the messages it receives; an eager
 task is not one, so when the worker sends task events (``-E`` or ``worker_send_task_events``,
@@ -78,8 +79,10 @@ def running() -> bool:
     return chain.current is not None
 
 
-def drive(runtime: Runtime, task: Any, record: Callable[[], None]) -> None:
-    """Record a delivered activity's result, then run the eager steps its decisions keep."""
+def drive(runtime: Runtime, task: Any, run_id: str, record: Callable[[], None]) -> None:
+    """Record a delivered activity's result (or advance ``run_id``), then run the eager steps its
+    decisions keep. A redelivered message may be the carrier of a chain whose pool process died:
+    then the run's attempts that no message holds are re-sent now (see :func:`_rescue`)."""
     from .dispatch import can_list_queues
 
     limit = runtime.baton.eager_steps
@@ -92,6 +95,8 @@ def drive(runtime: Runtime, task: Any, record: Callable[[], None]) -> None:
     chain.queue = (getattr(request, "delivery_info", None) or {}).get("routing_key")
     try:
         record()
+        if chain.pending is None and (getattr(request, "delivery_info", None) or {}).get("redelivered"):
+            _rescue(runtime, run_id, str(getattr(request, "id", "")))
         while chain.pending is not None:
             msg, chain.pending = chain.pending, None
             chain.steps += 1
@@ -101,6 +106,39 @@ def drive(runtime: Runtime, task: Any, record: Callable[[], None]) -> None:
         chain.active, chain.pending, chain.current, chain.carrier = False, None, None, None
         if left is not None:
             _publish(runtime, left)
+
+
+def _rescue(runtime: Runtime, run_id: str, carrier_id: str) -> None:
+    """Re-send the run's sent, unsettled attempts that neither a queue nor ``unacked`` holds.
+
+    Celery requeues the message of a pool process that died (``task_reject_on_worker_lost``) at
+    once, marked redelivered; if that process was running an eager step, the step (of this same
+    run) has no message anywhere and would otherwise wait ``lost_after``. A step held by a live
+    process in another eager chain of this run cannot exist while its carrier is redelivered,
+    except after a broker-side restore of a message still being run (Redis' visibility timeout,
+    a lost connection): then the step runs twice, which activities allow (at least once; the
+    second result is ignored). Best effort: the sweeper's own check stays behind it."""
+    from persistence import runtime as rt
+
+    from .dispatch import queued_task_ids, republish
+
+    try:
+        store = runtime.store
+        with store.read() as conn:
+            rows = [r for r in rt.open_attempts(conn, run_id) if r.id != carrier_id]
+        if not rows:
+            return
+        held = queued_task_ids(runtime, rows, unacked=True)
+        lost = [r for r in rows if r.id not in held]
+        if not lost:
+            return
+        with store.tx() as conn:
+            rt.reset_started(conn, [r.id for r in lost if r.state == "started"])
+        sent = republish(runtime, [r.id for r in lost])
+        log.warning("baton: %s was delivered again; re-sent %d attempt(s) of run %s that no message held "
+                    "(an eager step lost with its pool process)", carrier_id, sent, run_id)
+    except Exception as exc:  # the sweeper re-sends them after lost_after
+        log.warning("baton: could not look for eager steps lost with %s: %s", carrier_id, exc)
 
 
 def keep(runtime: Runtime, messages: list[dict[str, Any]]) -> bool:

@@ -127,7 +127,7 @@ class Runtime:
             """Baton's internal task: advance one run (idempotent; safe to redeliver)."""
             host = getattr(task.request, "hostname", None)
             publisher = activities.worker_id(str(host)) if host else None
-            eager.drive(runtime, task, lambda: advance.advance(runtime, run_id, publisher=publisher))
+            eager.drive(runtime, task, run_id, lambda: advance.advance(runtime, run_id, publisher=publisher))
 
         self.advance_task = self.app.task(name="baton.advance", bind=True, ignore_result=True,
                                           acks_late=True)(advance_run)

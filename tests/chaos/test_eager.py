@@ -5,7 +5,7 @@ decided it, riding on the message it was delivered, with real workers.
   step for another queue or with a timeout is always published; none is eager by default.
 * Crashes: the whole worker SIGKILLed during an eager step (another worker re-runs it, found by
   its stale heartbeat); the pool process SIGKILLed during one, its worker alive (no message
-  holds the attempt: re-sent after ``lost_after``).
+  holds the attempt: re-sent when Celery redelivers the carrier, not after ``lost_after``).
 * A long eager step on a live worker is never taken for lost: its claim is renewed.
 * Celery's own ``self.retry()`` from an eager task, and a run cancelled during an eager step.
 """
@@ -147,26 +147,31 @@ def test_worker_killed_during_an_eager_step_is_recovered(eager: ChaosCluster) ->
     verify_runs(chaos.baton, [(run, got)])
 
 
-def test_pool_process_killed_during_an_eager_step_is_re_sent_after_lost_after(eager: ChaosCluster) -> None:
-    chaos = eager
-    key = f"child-{chaos.queue}"
-    worker = chaos.start_worker(concurrency=1, BATON_TEST_EAGER_STEPS=str(EAGER))
-    wid = chaos.worker_id(worker)
-    run = chaos.ns.trail.start(4, slow_at=2, seconds=2.0, key=key)
-    row = wait_until(lambda: started_eager(chaos, run, 3), 30, "the slow eager step to be claimed")
-    assert row.worker == wid
-    (child,) = pool_children(worker.pid)
-    os.kill(child, signal.SIGKILL)
-    killed = time.monotonic()
-    wait_until(lambda: gone(child), 10, "the killed pool process to exit")
-    got = result(chaos, run, LOST_AFTER + 40)
-    waited = time.monotonic() - killed
-    assert count(key) == 2, f"the slow step ran {count(key)} times, expected 2 (killed, then re-sent)"
-    assert worker.poll() is None and chaos.worker_id(worker) == wid, "the worker's main process must survive"
-    assert "stopped heartbeating" not in chaos.logs()
-    assert "gone from the broker" in chaos.logs()
-    assert waited >= LOST_AFTER - 1.0, f"re-sent {waited:.1f}s after the kill, before lost_after"
-    verify_runs(chaos.baton, [(run, got)])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_pool_process_killed_during_an_eager_step_is_re_sent_when_its_carrier_returns(
+        backend: str, tmp_path: Path) -> None:
+    """Celery requeues the carrier of a dead pool process at once; its redelivery re-sends the eager
+    step no message holds, long before ``lost_after`` (60 s here) would have."""
+    with backend_cluster(backend, tmp_path, lost_after=60.0, dead_after=DEAD_AFTER) as chaos:
+        key = f"child-{chaos.queue}"
+        worker = chaos.start_worker(concurrency=1, BATON_TEST_EAGER_STEPS=str(EAGER))
+        wid = chaos.worker_id(worker)
+        run = chaos.ns.trail.start(4, slow_at=2, seconds=2.0, key=key)
+        row = wait_until(lambda: started_eager(chaos, run, 3), 30, "the slow eager step to be claimed")
+        assert row.worker == wid
+        (child,) = pool_children(worker.pid)
+        os.kill(child, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: gone(child), 10, "the killed pool process to exit")
+        got = result(chaos, run, 40)
+        waited = time.monotonic() - killed
+        assert count(key) == 2, f"the slow step ran {count(key)} times, expected 2 (killed, then re-sent)"
+        assert worker.poll() is None and chaos.worker_id(worker) == wid, "the worker's main process must survive"
+        logs = chaos.logs()
+        assert "stopped heartbeating" not in logs and "gone from the broker" not in logs
+        assert "an eager step lost with its pool process" in logs
+        assert waited < 30, f"re-sent {waited:.1f}s after the kill: lost_after's path, not the carrier's return"
+        verify_runs(chaos.baton, [(run, got)])
 
 
 @pytest.mark.parametrize("claim_after", ["0.2", "0"])  # claimed by the claimer thread, or at its start
@@ -218,8 +223,38 @@ def test_eager_steps_only_on_a_broker_the_sweeper_can_read(broker: str, eager_on
     noop.push_request(id="r:1:0:1", delivery_info={"routing_key": "celery"}, hostname="h@x")
     try:
         seen: list[bool] = []
-        eager_mod.drive(baton.runtime, noop, lambda: seen.append(eager_mod.chain.active))
+        eager_mod.drive(baton.runtime, noop, "r", lambda: seen.append(eager_mod.chain.active))
     finally:
         noop.pop_request()
     assert seen == [eager_on]
     assert not eager_mod.chain.active
+
+
+def test_pool_process_churn_with_eager_steps(eager: ChaosCluster) -> None:
+    """60 runs of eight steps (one in four slow) on two eager workers while a random pool process is
+    SIGKILLed every 0.7 s: every run completes, every step recorded once (lost_after is 3 s here, so
+    the sweeper's path and the carrier's return both get their chance)."""
+    import random
+
+    chaos = eager
+    rng = random.Random(11)
+    workers = chaos.start_workers(2, concurrency=2, BATON_TEST_EAGER_STEPS="4")
+    runs = [(chaos.ns.trail.start(8, slow_at=i % 4, seconds=0.3), None) for i in range(60)]
+    kills = 0
+    deadline = time.monotonic() + 60
+    while kills < 12 and time.monotonic() < deadline and chaos.baton.store.count_runs().get("running", 0):
+        children = [c for w in workers for c in pool_children(w.pid)]
+        if children:
+            os.kill(rng.choice(children), signal.SIGKILL)
+            kills += 1
+        time.sleep(0.7)
+    handles = [h for h, _ in runs]
+    for h in handles:
+        got = result(chaos, h, 90)
+        assert [g[0].split(":")[1] for g in got] == [str(s) for s in range(1, 9)], got
+    report = verify_runs(chaos.baton, [(h, h.result(timeout=1)) for h in handles])
+    assert kills >= 3, f"only {kills} kills landed while runs were in flight"
+    assert all(w.poll() is None for w in workers), "the workers' main processes must survive"
+    rescued = chaos.logs().count("an eager step lost with its pool process")
+    print(f"\nFIGURES eager pool churn [{chaos.db.split(':')[0]}]: {report.line()} kills={kills} "
+          f"rescued_by_carrier={rescued}")
