@@ -126,8 +126,8 @@ def _rescue(runtime: Runtime, run_id: str, carrier_id: str) -> None:
         store = runtime.store
         with store.read() as conn:
             rows = [r for r in rt.open_attempts(conn, run_id) if r.id != carrier_id]
-        if not rows:
-            return
+        if len(rows) != 1:
+            return  # an eager step is a run's only open attempt; a fan-out's are messages
         held = queued_task_ids(runtime, rows, unacked=True)
         lost = [r for r in rows if r.id not in held]
         if not lost:
