@@ -10,7 +10,7 @@ store (``tests.chaos.support.verify_runs``) and the figures are printed as JSON.
 
 Run: ``.venv/bin/python bench/soak.py [--runs 2000] [--duration 300] [--workers 4]
 [--kill-every 5] [--db sqlite|postgres|private-pg] [--wipe-broker-every 60] [--restart-db-every 90]
-[--json FILE]``. Uses Redis db ``TEST_REDIS_DB`` (default 7) on 127.0.0.1:6379 for counters
+[--eager-steps N] [--json FILE]``. Uses Redis db ``TEST_REDIS_DB`` (default 7) on 127.0.0.1:6379 for counters
 (and as the broker unless wiping), flushed at start; never restarts the shared servers.
 """
 
@@ -55,6 +55,11 @@ def shared_pg_schema() -> Iterator[str]:
         next(gen, None)
 
 
+def eager_env(args: argparse.Namespace) -> dict[str, str]:
+    """Worker environment for ``--eager-steps`` (read by tests/chaos/chaos_app.py)."""
+    return {"BATON_TEST_EAGER_STEPS": str(args.eager_steps)} if args.eager_steps else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=2000)
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--db", default="sqlite", help="sqlite, postgres (a schema on TEST_PG_URL) or private-pg")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the last runs")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--eager-steps", type=int, default=0, help="Baton(eager_steps=N) in the workers")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     if args.restart_db_every and args.db != "private-pg":
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             broker = broker_server.url
         chaos = ChaosCluster(broker, db, tmp)
         stack.callback(chaos.stop)
-        chaos.start_workers(args.workers, concurrency=args.concurrency)
+        chaos.start_workers(args.workers, concurrency=args.concurrency, **eager_env(args))
 
         began = time.monotonic()
         runs: list[tuple[Any, Any]] = []
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             waiters = []
             if now >= next_kill and len(chaos.alive()) >= 2:
                 chaos.kill_random(rng)
-                chaos.start_worker(args.concurrency, wait=False)
+                chaos.start_worker(args.concurrency, wait=False, **eager_env(args))
                 next_kill = now + args.kill_every
             if now >= next_wipe and broker_server is not None:
                 client = broker_server.client()
