@@ -128,6 +128,13 @@ def defer(runtime: Runtime, ids: list[str]) -> None:
         log.warning("baton: could not hand %d attempt(s) to the sweeper: %s", len(ids), exc)
 
 
+def acked_late(app: Any, name: str) -> bool:
+    """Whether a running task's message stays unacknowledged until it ends (only then does its
+    absence from ``unacked`` mean nobody holds it); an unknown task counts as no."""
+    task = app.tasks.get(name)
+    return bool(task is not None and (task.acks_late if task.acks_late is not None else app.conf.task_acks_late))
+
+
 def can_list_queues(runtime: Runtime) -> bool:
     """Whether :func:`queued_task_ids` can see the broker's queues (Redis only)."""
     return str(runtime.app.conf.broker_url or "").startswith(("redis", "rediss", "redis+socket"))

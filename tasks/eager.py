@@ -85,17 +85,17 @@ def drive(runtime: Runtime, task: Any, run_id: str, record: Callable[[], None]) 
     then the run's attempts that no message holds are re-sent now (see :func:`_rescue`)."""
     from .dispatch import can_list_queues
 
-    limit = runtime.baton.eager_steps
-    if chain.active or limit <= 0 or not can_list_queues(runtime) or not _fits_carrier(runtime, task):
+    if chain.active or runtime.baton.eager_steps <= 0 or not can_list_queues(runtime) \
+            or not _fits_carrier(runtime, task):
         record()  # (only a broker whose queues the sweeper can read lets it find a lost eager step)
         return
     request = task.request
     chain.active, chain.pending, chain.steps, chain.t0 = True, None, 0, time.monotonic()
-    chain.carrier = request
-    chain.queue = (getattr(request, "delivery_info", None) or {}).get("routing_key")
+    delivery = getattr(request, "delivery_info", None) or {}
+    chain.carrier, chain.queue = request, delivery.get("routing_key")
     try:
         record()
-        if chain.pending is None and (getattr(request, "delivery_info", None) or {}).get("redelivered"):
+        if chain.pending is None and delivery.get("redelivered"):
             _rescue(runtime, run_id, str(getattr(request, "id", "")))
         while chain.pending is not None:
             msg, chain.pending = chain.pending, None
@@ -167,11 +167,12 @@ def _fits_carrier(runtime: Runtime, task: Any) -> bool:
 def _eligible(runtime: Runtime, msg: dict[str, Any]) -> bool:
     if msg["timeout"]:
         return False  # a Baton timeout ends an attempt by terminating its job
+    from .dispatch import acked_late
+
     task = runtime.app.tasks.get(msg["task"])
     if task is None or task.rate_limit or task.time_limit or task.soft_time_limit:
         return False
-    acks_late = task.acks_late if task.acks_late is not None else runtime.app.conf.task_acks_late
-    if not acks_late:
+    if not acked_late(runtime.app, msg["task"]):
         return False  # the sweeper's lost-task check only covers late-acked tasks
     options = msg["options"] or {}
     if any(options.get(k) for k in _DELAYS) or options.get("time_limit") or options.get("soft_time_limit"):

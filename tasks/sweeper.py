@@ -109,7 +109,8 @@ class Sweeper:
         # nothing will deliver it again (a pool child died and Celery's requeue was lost).
         # Only a Redis broker can tell; elsewhere nothing is reset.
         with store.read() as conn:
-            stalled = [r for r in rt.stalled_started(conn, now, baton.lost_after) if self._acked_late(r.task)]
+            stalled = [r for r in rt.stalled_started(conn, now, baton.lost_after)
+                       if dispatch.acked_late(self.runtime.app, r.task)]
         if stalled and dispatch.can_list_queues(self.runtime):
             held = dispatch.queued_task_ids(self.runtime, stalled, unacked=True)
             gone = [r.id for r in stalled if r.id not in held]
@@ -150,13 +151,6 @@ class Sweeper:
             total += settled
             if looked < timers.BATCH or not settled or time.monotonic() > budget:
                 return total
-
-    def _acked_late(self, name: str) -> bool:
-        """Whether a running task's message stays unacknowledged until it ends (only then does
-        its absence from ``unacked`` mean nobody holds it); unknown here counts as no."""
-        task = self.runtime.app.tasks.get(name)
-        return bool(task is not None and (task.acks_late if task.acks_late is not None
-                                          else self.runtime.app.conf.task_acks_late))
 
 
 def install(runtime: Runtime) -> None:

@@ -62,9 +62,9 @@ def _flower_log(cluster: Cluster) -> str:
     return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_flower_finds_activities_by_run_id_and_serves_workflows(cluster: Cluster) -> None:
-    worker = _start_worker_with_events(cluster)
+def _flower_watching(cluster: Cluster) -> tuple[Session, str]:
+    """Start Flower, wait until it answers and sees the cluster's last worker online; its client
+    session and that worker's name prefix."""
     port = _free_port()
     flower = _start_flower(cluster, port)
     c = Session(f"http://127.0.0.1:{port}{PREFIX}")
@@ -80,6 +80,13 @@ def test_flower_finds_activities_by_run_id_and_serves_workflows(cluster: Cluster
     worker_name = f"w{cluster.n}-{cluster.queue}@"
     # Flower only knows tasks whose events it received: wait until its event receiver sees our worker.
     wait_for(lambda: f'worker="{worker_name}' in c.get("/metrics").text, 60, "Flower to see the worker online")
+    return c, worker_name
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_flower_finds_activities_by_run_id_and_serves_workflows(cluster: Cluster) -> None:
+    worker = _start_worker_with_events(cluster)
+    c, worker_name = _flower_watching(cluster)
 
     run = cluster.ns.sequence.start(3, workflow_id="flower-seq")
     fan = cluster.ns.fanout.start(3, workflow_id="flower-fan")
@@ -149,20 +156,7 @@ def test_flower_lists_eager_steps(cluster: Cluster) -> None:
     """With ``eager_steps``, a run's steps ride on one message, and Flower never receives the others; the
     pool process sends their task events itself (worker started with ``-E``), so Flower lists them all."""
     _start_worker_with_events(cluster, BATON_TEST_EAGER_STEPS="8")
-    port = _free_port()
-    flower = _start_flower(cluster, port)
-    c = Session(f"http://127.0.0.1:{port}{PREFIX}")
-
-    def up() -> bool:
-        assert flower.poll() is None, f"flower exited: {_flower_log(cluster)}"
-        try:
-            return c.get("/healthcheck").status == 200
-        except OSError:
-            return False
-
-    wait_for(up, 60, "Flower to answer /healthcheck")
-    worker_name = f"w{cluster.n}-{cluster.queue}@"
-    wait_for(lambda: f'worker="{worker_name}' in c.get("/metrics").text, 60, "Flower to see the worker online")
+    c, worker_name = _flower_watching(cluster)
     run = cluster.ns.sequence.start(4, workflow_id="eager-seq")
     assert run.result(timeout=60) == 4
     ids = {f"eager-seq:{step}:0:1" for step in range(1, 5)}
