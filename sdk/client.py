@@ -48,9 +48,10 @@ class Baton:
         claim_after: seconds an activity runs before its worker claims it in the store (shorter
             ones are recorded without a claim: one transaction per step instead of two); 0 claims
             every activity as it starts.
-        eager_steps: when recording an activity's result decides one next activity for the same
+        eager_steps: when recording an activity's result decides a next activity for the same
             queue, run it in the same worker process instead of publishing it, up to this many
-            steps in a row per delivered message (0, the default: every activity is a message).
+            steps per delivered message (0, the default: every activity is a message). Of a
+            fan-out, the process keeps its share (width / pool processes) and publishes the rest.
             Saves the broker hop and keeps the run's generator warm. Redis brokers only (the
             sweeper must read the queues to find a lost eager step). Flower lists eager tasks
             only if the worker sends task events from its start (``-E``); see ``docs/design.md``,

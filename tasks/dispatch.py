@@ -20,7 +20,7 @@ from persistence.store import tasks_t
 from sdk import serde
 
 from . import eager
-from .faults import fault
+from .faults import EAGER_KEPT, fault
 
 if TYPE_CHECKING:
     from .wiring import Runtime
@@ -45,8 +45,13 @@ def publish(runtime: Runtime, messages: list[dict[str, Any]], may_keep: bool = T
     """
     if not messages:
         return
-    if may_keep and eager.keep(runtime, messages):
-        return
+    if may_keep:
+        before = len(messages)
+        messages = eager.keep(runtime, messages)
+        if len(messages) < before:
+            fault(EAGER_KEPT)
+        if not messages:
+            return
     runtime.ensure_broker()
     if len(messages) == 1:
         _send(runtime, messages[0], None)

@@ -1,7 +1,7 @@
 """Eager steps: a run's next activity run by the pool process that just decided it.
 
 With ``Baton(eager_steps=N)``, when recording an activity's result (or a ``baton.advance``
-task: a run's first decision, a timer, a signal) decides one next activity
+task: a run's first decision, a timer, a signal) decides a next activity
 that this very worker would be handed anyway (the same queue, no delay, no limits Celery
 enforces per message), the pool process runs it at once, through Celery's own tracer (the
 task's signals, result backend and ``self.retry()`` behave as for a delivered message),
@@ -10,8 +10,11 @@ Its attempt row is committed first, exactly as for a publish, so nothing about d
 changes; what it saves is the broker round trip, the consumer's work for one message, and
 the catch-up a process pays when the step lands where the run's generator is not cached.
 
-At most ``N`` steps in a row ride on one delivered message (the *carrier*), and none is
-started after ``EAGER_SECONDS`` under it, so one run cannot keep a process from the queue.
+At most ``N`` steps ride on one delivered message (the *carrier*), and none is started after
+``EAGER_SECONDS`` under it, so one run cannot keep a process from the queue. Of a fan-out, the
+process keeps its share among its worker's pool processes and publishes the rest at once; if a
+kept task runs past ``RELEASE_AFTER``, a thread publishes the kept ones behind it (eager steps
+pay off only for short tasks, and a long one must not serialise its siblings).
 The carrier stays unacknowledged until the chain ends (``acks_late``); a redelivery of it is
 a duplicate result, dropped. An eager attempt has no message of its own, so recovery is:
 
@@ -54,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("baton.eager")
 
 EAGER_SECONDS = 1.0  # no eager step starts later than this after its carrier's own ended
+RELEASE_AFTER = 0.05  # a fan-out's kept activities go out as messages if the one ahead runs longer
 HEADER_CARRIER = "baton_carrier"  # in an eager task's request: the id of the message it rode on
 _DELAYS = ("countdown", "eta", "expires")
 _ROUTING = ("queue", "exchange", "routing_key")
@@ -62,8 +66,8 @@ _ROUTING = ("queue", "exchange", "routing_key")
 class _Chain(threading.local):
     """The eager chain this thread is in: set while a delivered activity's result is recorded."""
 
-    active = False  # a decision committed now may keep its next activity here
-    pending: dict[str, Any] | None = None  # the activity kept, run when the decision returns
+    active = False  # a decision committed now may keep its next activities here
+    pending: list[dict[str, Any]] | None = None  # activities kept, not started (guarded by _lock)
     current: str | None = None  # the eager attempt running now
     steps = 0
     t0 = 0.0
@@ -72,6 +76,7 @@ class _Chain(threading.local):
 
 
 chain = _Chain()
+_lock = threading.Lock()  # a chain's pending list, shared with the release thread
 
 
 def running() -> bool:
@@ -95,29 +100,45 @@ def drive(runtime: Runtime, task: Any, run_id: str, record: Callable[[], None]) 
     chain.carrier, chain.queue = request, delivery.get("routing_key")
     try:
         record()
-        if chain.pending is None and delivery.get("redelivered"):
+        if not chain.pending and delivery.get("redelivered"):
             _rescue(runtime, run_id, str(getattr(request, "id", "")))
-        while chain.pending is not None:
-            msg, chain.pending = chain.pending, None
+        while (msg := _next(runtime)) is not None:
             chain.steps += 1
-            _run(runtime, msg)
+            try:
+                _run(runtime, msg)
+            finally:
+                _release.disarm()
     finally:
-        left = chain.pending  # set only if a step's recording raised after keeping its successor
-        chain.active, chain.pending, chain.current, chain.carrier = False, None, None, None
-        if left is not None:
+        with _lock:  # kept but not started: past the time bound, or a recording raised after keeping
+            left, chain.pending = chain.pending, None
+        chain.active, chain.current, chain.carrier = False, None, None
+        if left:
             _publish(runtime, left)
+
+
+def _next(runtime: Runtime) -> dict[str, Any] | None:
+    """The next kept activity to start, if it may still start; while more wait behind it, the
+    release thread sends those as messages should this one run long (see :class:`_Release`)."""
+    with _lock:
+        if not chain.pending or time.monotonic() - chain.t0 > EAGER_SECONDS:
+            return None
+        msg = chain.pending.pop(0)
+        if chain.pending:
+            _release.arm(runtime, chain.pending)
+        return msg
 
 
 def _rescue(runtime: Runtime, run_id: str, carrier_id: str) -> None:
     """Re-send the run's sent, unsettled attempts that neither a queue nor ``unacked`` holds.
 
     Celery requeues the message of a pool process that died (``task_reject_on_worker_lost``) at
-    once, marked redelivered; if that process was running an eager step, the step (of this same
-    run) has no message anywhere and would otherwise wait ``lost_after``. A step held by a live
-    process in another eager chain of this run cannot exist while its carrier is redelivered,
-    except after a broker-side restore of a message still being run (Redis' visibility timeout,
-    a lost connection): then the step runs twice, which activities allow (at least once; the
-    second result is ignored). Best effort: the sweeper's own check stays behind it."""
+    once, marked redelivered; if that process was running eager steps, they (of this same run)
+    have no message anywhere and would otherwise wait ``lost_after``. What another live process
+    holds of this run unseen is re-sent too: kept steps of a fan-out's share while one of the
+    fan-out's messages is redelivered, or a step whose carrier a broker-side restore handed out
+    again (Redis' visibility timeout, a lost connection). Those then run twice, which activities
+    allow (at least once; the second result is ignored). Best effort: the sweeper's own check
+    stays behind it."""
     from persistence import runtime as rt
 
     from .dispatch import queued_task_ids, republish
@@ -126,8 +147,8 @@ def _rescue(runtime: Runtime, run_id: str, carrier_id: str) -> None:
         store = runtime.store
         with store.read() as conn:
             rows = [r for r in rt.open_attempts(conn, run_id) if r.id != carrier_id]
-        if len(rows) != 1:
-            return  # an eager step is a run's only open attempt; a fan-out's are messages
+        if not rows:
+            return
         held = queued_task_ids(runtime, rows, unacked=True)
         lost = [r for r in rows if r.id not in held]
         if not lost:
@@ -141,18 +162,32 @@ def _rescue(runtime: Runtime, run_id: str, carrier_id: str) -> None:
         log.warning("baton: could not look for eager steps lost with %s: %s", carrier_id, exc)
 
 
-def keep(runtime: Runtime, messages: list[dict[str, Any]]) -> bool:
-    """Called with a decision's committed activities before they are published: True if this
-    process keeps the one activity to run it eagerly (then it is not published)."""
-    if not chain.active or chain.pending is not None or len(messages) != 1:
-        return False
-    if chain.steps >= runtime.baton.eager_steps or time.monotonic() - chain.t0 > EAGER_SECONDS:
-        return False
-    msg = messages[0]
-    if not _eligible(runtime, msg):
-        return False
-    chain.pending = msg
-    return True
+def keep(runtime: Runtime, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Called with a decision's committed activities before they are published: keeps those this
+    process will run eagerly and returns the rest, to publish.
+
+    A single next activity is kept whole. Of a fan-out, this process keeps its share among its
+    worker's pool processes (the last ones, so the published ones go first), within the chain's
+    step budget; the rest go out as messages for the other processes at once."""
+    if not chain.active or chain.pending:
+        return messages
+    budget = runtime.baton.eager_steps - chain.steps
+    if budget <= 0 or time.monotonic() - chain.t0 > EAGER_SECONDS:
+        return messages
+    share = min(budget, max(1, len(messages) // max(1, runtime.concurrency)))
+    kept: list[dict[str, Any]] = []
+    for msg in reversed(messages):
+        if len(kept) == share:
+            break
+        if _eligible(runtime, msg):
+            kept.append(msg)
+    if not kept:
+        return messages
+    kept.reverse()
+    with _lock:
+        chain.pending = kept
+    ids = {msg["id"] for msg in kept}
+    return [msg for msg in messages if msg["id"] not in ids]
 
 
 def _fits_carrier(runtime: Runtime, task: Any) -> bool:
@@ -262,11 +297,54 @@ def _send_event(dispatcher: Any, kind: str, **fields: Any) -> None:
         log.warning("baton: could not send %s for an eager step: %s", kind, exc)
 
 
-def _publish(runtime: Runtime, msg: dict[str, Any]) -> None:
+def _publish(runtime: Runtime, messages: list[dict[str, Any]]) -> None:
     from . import dispatch
 
     try:
-        dispatch.publish(runtime, [msg], may_keep=False)
+        dispatch.publish(runtime, messages, may_keep=False)
     except Exception as exc:
-        log.warning("baton: publishing %s failed, the sweeper will re-send: %s", msg["id"], exc)
-        dispatch.defer(runtime, [msg["id"]])
+        log.warning("baton: publishing %d kept attempt(s) failed, the sweeper will re-send: %s", len(messages), exc)
+        dispatch.defer(runtime, [msg["id"] for msg in messages])
+
+
+class _Release:
+    """Sends a fan-out's kept activities as messages when the one running ahead of them takes
+    longer than ``RELEASE_AFTER``: eager steps are for short tasks, and a long one must not hold
+    its siblings back from the processes that are free (one thread per process, started lazily)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(_lock)
+        self.job: tuple[float, Runtime, list[dict[str, Any]]] | None = None
+        self.pid = -1
+
+    def arm(self, runtime: Runtime, pending: list[dict[str, Any]]) -> None:
+        """Watch ``pending`` from now (called with ``_lock`` held)."""
+        if self.pid != os.getpid():  # first use in this (forked) process
+            self.pid, self.job = os.getpid(), None
+            threading.Thread(target=self.loop, name="baton-eager-release", daemon=True).start()
+        self.job = (time.monotonic() + RELEASE_AFTER, runtime, pending)
+        self.cond.notify()
+
+    def disarm(self) -> None:
+        with _lock:
+            self.job = None
+
+    def loop(self) -> None:
+        while True:
+            with self.cond:
+                while self.job is None:
+                    self.cond.wait()
+                due, runtime, pending = self.job
+                if (wait := due - time.monotonic()) > 0:
+                    self.cond.wait(wait)
+                    continue
+                self.job = None
+                taken = pending[:]
+                pending.clear()  # the chain's own list: its next look finds nothing left to start
+            if taken:
+                log.info("baton: an eager step ran past %.2f s; sent %d kept attempt(s) as messages",
+                         RELEASE_AFTER, len(taken))
+                _publish(runtime, taken)
+
+
+_release = _Release()

@@ -14,6 +14,9 @@ POINTS = ("after_commit", "after_publish", "mid_fanout_publish", "before_record"
 # after_fan_in: a fan-out's last result committed with its run flagged, the decision not yet
 # taken (PostgreSQL's one-statement record; on SQLite the two are one transaction).
 POSTGRES_ONLY = ("after_fan_in",)
+# Not in the crash-points matrix (it needs eager steps): a pool process has kept a fan-out's share
+# to run eagerly (``tasks.eager``) and published none of it, nor the rest of the fan-out.
+EAGER_KEPT = "eager_kept"
 
 
 def fault(point: str) -> None:

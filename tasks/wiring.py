@@ -138,12 +138,15 @@ class Runtime:
         self._broker_ready = False
         self._store: Store | None = None
         self.task_events = False  # set at worker start: whether it sends task events
+        self.concurrency = 1  # set at worker start: its pool processes (a fan-out's eager share)
 
     def _worker_init(self, sender: Any = None, **_: Any) -> None:
         """Refuse to start a worker on an unusable store (e.g. an older schema), before any task.
         Also note whether it sends task events (``-E``): its pool processes, forked later, then
         send them for eager steps too (``tasks.eager``), so Flower lists those."""
         self.task_events = bool(getattr(sender, "task_events", False) or self.app.conf.worker_send_task_events)
+        size = getattr(sender, "concurrency", None)  # ("auto" is resolved only after this signal)
+        self.concurrency = size if isinstance(size, int) and size > 0 else (os.cpu_count() or 1)
         try:
             self.store.ensure_schema()
         except BatonError as exc:

@@ -89,11 +89,12 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
 
     @app.task(name="c.whence", bind=True)
     def whence(self: Any, seconds: float = 0.0, key: str = "") -> list[Any]:
-        """Where it ran: [its task id, the message it rode on if eager, its process id]."""
+        """Where it ran: [its task id, the message it rode on if eager, its process id, its start]."""
+        began = time.time()
         if key:
             bump(key)
         time.sleep(seconds)
-        return [self.request.id, self.request.get("baton_carrier"), os.getpid()]
+        return [self.request.id, self.request.get("baton_carrier"), os.getpid(), began]
 
     @app.task(name="c.celery_retry", bind=True)
     def celery_retry(self: Any, key: str) -> list[Any]:
@@ -198,6 +199,13 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
             got = yield (step(sig, timeout=30.0) if i == timeout_at else sig)
             out.append(got)
         return out
+
+    @workflow
+    def spread(n: int, slow_at: int = -1, seconds: float = 0.0, key: str = ""):  # type: ignore[no-untyped-def]
+        """One fan-out of ``n`` ``whence``, one of them slow (and counted), then one more step."""
+        got = yield [whence.s(seconds, key) if i == slow_at else whence.s() for i in range(n)]
+        after = yield whence.s()
+        return [*got, after]
 
     @workflow
     def retried(key: str):  # type: ignore[no-untyped-def]

@@ -231,15 +231,17 @@ def test_eager_steps_only_on_a_broker_the_sweeper_can_read(broker: str, eager_on
 
 
 def test_pool_process_churn_with_eager_steps(eager: ChaosCluster) -> None:
-    """60 runs of eight steps (one in four slow) on two eager workers while a random pool process is
-    SIGKILLed every 0.7 s: every run completes, every step recorded once (lost_after is 3 s here, so
-    the sweeper's path and the carrier's return both get their chance)."""
+    """60 runs of eight steps (one in four slow) and 20 of a 10-way fan-out (kept shares) on two
+    eager workers while a random pool process is SIGKILLed every 0.7 s: every run completes, every
+    step recorded once (lost_after is 3 s here, so the sweeper's path and the carrier's return both
+    get their chance)."""
     import random
 
     chaos = eager
     rng = random.Random(11)
     workers = chaos.start_workers(2, concurrency=2, BATON_TEST_EAGER_STEPS="4")
-    runs = [(chaos.ns.trail.start(8, slow_at=i % 4, seconds=0.3), None) for i in range(60)]
+    runs = [(chaos.ns.trail.start(8, slow_at=i % 4, seconds=0.3), 8) for i in range(60)]
+    runs += [(chaos.ns.spread.start(10, slow_at=i % 12, seconds=0.3), 11) for i in range(20)]
     kills = 0
     deadline = time.monotonic() + 60
     while kills < 12 and time.monotonic() < deadline and chaos.baton.store.count_runs().get("running", 0):
@@ -249,12 +251,65 @@ def test_pool_process_churn_with_eager_steps(eager: ChaosCluster) -> None:
             kills += 1
         time.sleep(0.7)
     handles = [h for h, _ in runs]
-    for h in handles:
+    for h, steps in runs:
         got = result(chaos, h, 90)
-        assert [g[0].split(":")[1] for g in got] == [str(s) for s in range(1, 9)], got
+        assert len(got) == steps and len({g[0] for g in got}) == steps, got
     report = verify_runs(chaos.baton, [(h, h.result(timeout=1)) for h in handles])
     assert kills >= 3, f"only {kills} kills landed while runs were in flight"
     assert all(w.poll() is None for w in workers), "the workers' main processes must survive"
     rescued = chaos.logs().count("an eager step lost with its pool process")
     print(f"\nFIGURES eager pool churn [{chaos.db.split(':')[0]}]: {report.line()} kills={kills} "
           f"rescued_by_carrier={rescued}")
+
+
+@pytest.mark.parametrize(("budget", "kept"), [("3", 3), ("100", 4)])
+def test_a_fan_out_keeps_this_process_share_and_publishes_the_rest(eager: ChaosCluster, budget: str,
+                                                                   kept: int) -> None:
+    """Of an 8-way fan-out, a process of a two-process worker keeps its share (4) within the step
+    budget, the last ones, and runs them itself; the rest go out as messages at once."""
+    chaos = eager
+    chaos.start_worker(concurrency=2, BATON_TEST_EAGER_STEPS=budget)
+    run = chaos.ns.spread.start(8)
+    got = result(chaos, run, 60)
+    carriers = [g[1] for g in got[:8]]
+    assert carriers[:8 - kept] == [None] * (8 - kept), f"the first {8 - kept} should be messages: {carriers}"
+    assert all(c is not None for c in carriers[8 - kept:]), f"the last {kept} should ride: {carriers}"
+    assert len({c for c in carriers if c}) == 1 and len({g[2] for g in got[8 - kept:8]}) == 1, \
+        "a share rides on one message, in one process"
+    verify_runs(chaos.baton, [(run, got)])
+
+
+def test_a_long_kept_step_sends_the_rest_of_its_share_as_messages(eager: ChaosCluster) -> None:
+    """Eager steps are for short tasks: when a kept step runs long, the kept steps behind it go out
+    as messages (after ``RELEASE_AFTER``) and the other process runs them meanwhile."""
+    chaos = eager
+    chaos.start_worker(concurrency=2, BATON_TEST_EAGER_STEPS="100")
+    run = chaos.ns.spread.start(4, slow_at=2, seconds=2.0)  # the share: steps 3 (slow) and 4
+    got = result(chaos, run, 60)
+    slow, behind = got[2], got[3]
+    assert slow[1] is not None, f"the slow step should have been kept: {got}"
+    assert behind[1] is None and behind[2] != slow[2], f"the step behind it should have become a message: {got}"
+    assert behind[3] - slow[3] < 1.0, f"it started {behind[3] - slow[3]:.2f}s after the slow one, not meanwhile"
+    assert "sent 1 kept attempt(s) as messages" in chaos.logs()
+    verify_runs(chaos.baton, [(run, got)])
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_pool_process_killed_holding_a_kept_share_is_re_sent_when_its_carrier_returns(
+        backend: str, tmp_path: Path) -> None:
+    """A pool process dies with a fan-out's share kept and nothing of the fan-out sent yet (fault
+    ``eager_kept``): the carrier's redelivery re-sends all of it, long before ``lost_after``."""
+    from tasks.faults import EAGER_KEPT
+
+    with backend_cluster(backend, tmp_path, lost_after=60.0, dead_after=DEAD_AFTER) as chaos:
+        once = tmp_path / "fault.once"
+        worker = chaos.start_worker(concurrency=2, BATON_TEST_EAGER_STEPS="100", BATON_FAULT=EAGER_KEPT,
+                                    BATON_FAULT_ONCE=str(once))
+        run = chaos.ns.spread.start(6)
+        got = result(chaos, run, 40)
+        assert once.exists(), "the fault should have fired"
+        assert worker.poll() is None, "the worker's main process must survive"
+        logs = chaos.logs()
+        assert "re-sent 6 attempt(s)" in logs and "an eager step lost with its pool process" in logs, logs[-3000:]
+        assert "gone from the broker" not in logs
+        verify_runs(chaos.baton, [(run, got)])
