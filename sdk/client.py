@@ -53,9 +53,9 @@ class Baton:
             steps per delivered message (0, the default: every activity is a message). Of a
             fan-out, the process keeps its share (width / pool processes) and publishes the rest.
             Saves the broker hop and keeps the run's generator warm. Redis brokers only (the
-            sweeper must read the queues to find a lost eager step). Flower lists eager tasks
-            only if the worker sends task events from its start (``-E``); see ``docs/design.md``,
-            *Eager steps*.
+            sweeper must read the queues to find a lost eager step). Their task events (for
+            Flower) come from the pool process while the worker sends events (``-E`` or Flower's
+            ``enable_events``); see ``docs/design.md``, *Eager steps*.
     """
 
     def __init__(

@@ -28,12 +28,11 @@ a duplicate result, dropped. An eager attempt has no message of its own, so reco
   lets Baton tell, so on any other broker there are no eager steps.
 
 Flower lists tasks from the events the consumer sends for the messages it receives; an eager
-task is not one, so when the worker sends task events (``-E`` or ``worker_send_task_events``,
-known at its start) the pool process sends them itself (received, started, then succeeded,
-failed or retried). Events that Flower switches on at run time (``enable_events``) reach only
-the consumer, so then eager steps go unlisted. What it gives up: ``revoke(terminate=True)``
-cannot reach an eager task (it runs to its end; its result is ignored if the run moved on).
-Hence opt-in, and never for tasks with a Baton timeout, Celery time or rate limits, a
+task is not one, so while the worker sends task events (``-E``, ``worker_send_task_events``, or
+Flower's ``enable_events``, mirrored from the main process: ``Runtime.follow_events``) the pool
+process sends them itself (received, started, then succeeded, failed or retried). What it
+gives up: ``revoke(terminate=True)`` cannot reach an eager task (it runs to its end; its result
+is ignored if the run moved on). Hence opt-in, and never for tasks with a Baton timeout, Celery time or rate limits, a
 countdown or eta, or another queue.
 """
 

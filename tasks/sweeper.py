@@ -40,9 +40,10 @@ ORPHAN_CHECK_SECONDS = 30.0
 
 
 class Sweeper:
-    def __init__(self, runtime: Runtime, hostname: str) -> None:
+    def __init__(self, runtime: Runtime, hostname: str, consumer: Any = None) -> None:
         self.runtime = runtime
         self.hostname = hostname
+        self.consumer = consumer
         self.id = worker_id(hostname)
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.loop, name="baton-sweeper", daemon=True)
@@ -71,6 +72,7 @@ class Sweeper:
                 log.warning("baton: sweep failed: %s", str(exc).splitlines()[0] if str(exc) else exc)
 
     def tick(self) -> None:
+        self.runtime.follow_events(self.consumer)
         store = self.runtime.store
         app = self.runtime.app
         names = [n for n in app.tasks if not n.startswith("celery.")]
@@ -161,7 +163,7 @@ def install(runtime: Runtime) -> None:
         if app is not None and app is not runtime.app:
             return
         hostname = str(getattr(sender, "hostname", None) or "worker")
-        sweeper = Sweeper(runtime, hostname)
+        sweeper = Sweeper(runtime, hostname, sender)
         holder["s"] = sweeper
         sweeper.start()
 

@@ -7,7 +7,9 @@ an app that accepts pickle unless told otherwise.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -137,14 +139,16 @@ class Runtime:
         signals.worker_init.connect(self._worker_init, weak=False)
         self._broker_ready = False
         self._store: Store | None = None
-        self.task_events = False  # set at worker start: whether it sends task events
+        self._task_events: Any = None  # a flag shared with the pool processes (see follow_events)
         self.concurrency = 1  # set at worker start: its pool processes (a fan-out's eager share)
 
     def _worker_init(self, sender: Any = None, **_: Any) -> None:
         """Refuse to start a worker on an unusable store (e.g. an older schema), before any task.
-        Also note whether it sends task events (``-E``): its pool processes, forked later, then
-        send them for eager steps too (``tasks.eager``), so Flower lists those."""
-        self.task_events = bool(getattr(sender, "task_events", False) or self.app.conf.worker_send_task_events)
+        Also note whether it sends task events (``-E``), in memory its pool processes (forked
+        later) share: they then send them for eager steps too (``tasks.eager``), so Flower lists
+        those; :meth:`follow_events` keeps it up to date."""
+        on = bool(getattr(sender, "task_events", False) or self.app.conf.worker_send_task_events)
+        self._task_events = multiprocessing.RawValue(ctypes.c_bool, on)
         size = getattr(sender, "concurrency", None)  # ("auto" is resolved only after this signal)
         self.concurrency = size if isinstance(size, int) and size > 0 else (os.cpu_count() or 1)
         try:
@@ -153,6 +157,25 @@ class Runtime:
             log.critical("baton: %s", exc)
             raise SystemExit(f"baton: {exc}") from None  # BaseException: Celery's signal dispatch lets it out
         self.ensure_broker()
+
+    @property
+    def task_events(self) -> bool:
+        """Whether this worker sends task events now (False outside a worker)."""
+        return bool(self._task_events is not None and self._task_events.value)
+
+    def follow_events(self, consumer: Any) -> None:
+        """Mirror the worker's task events into the flag its pool processes read. Flower turns them
+        on at run time (``enable_events``, a control command only the main process receives), and
+        eager steps must follow, or Flower would list only the steps that were messages. Called
+        from the main process's sweeper thread, every ``sweep_interval``."""
+        dispatcher = getattr(consumer, "event_dispatcher", None)
+        if dispatcher is None or self._task_events is None:
+            return
+        groups = dispatcher.groups
+        on = bool(dispatcher.enabled and (not groups or "task" in groups))
+        if on != self._task_events.value:
+            self._task_events.value = on
+            log.info("baton: task events %s; eager steps follow", "on" if on else "off")
 
     def ensure_broker(self) -> None:
         """Start the embedded broker if this app uses it and it is not running (cheap after once)."""

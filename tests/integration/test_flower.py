@@ -31,12 +31,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_worker_with_events(cluster: Cluster, **env: str) -> subprocess.Popen[bytes]:
-    """Like ``cluster.start_worker`` but with ``-E``, as docs/dashboard.md tells users to run it."""
+def _start_worker_with_events(cluster: Cluster, events: bool = True, **env: str) -> subprocess.Popen[bytes]:
+    """Like ``cluster.start_worker`` but with ``-E``, as docs/dashboard.md tells users to run it
+    (``events=False``: without, and with its heartbeat, so Flower can turn task events on)."""
     cluster.n += 1
     log = open(cluster.tmp / f"worker{cluster.n}.log", "wb")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "tests.fixtures.worker_app", "worker", "-E", "-P", "prefork", "-c", "2",
+        [sys.executable, "-m", "celery", "-A", "tests.fixtures.worker_app", "worker", *(["-E"] if events else []),
+         "-P", "prefork", "-c", "2",
          "-n", f"w{cluster.n}-{cluster.queue}@%h", "-Q", cluster.queue, "--without-mingle", "--without-gossip",
          "-l", "INFO"],
         cwd=ROOT, env=cluster.env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -152,11 +154,17 @@ def test_flower_finds_activities_by_run_id_and_serves_workflows(cluster: Cluster
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_flower_lists_eager_steps(cluster: Cluster) -> None:
+@pytest.mark.parametrize("events", ["-E", "enable_events"])
+def test_flower_lists_eager_steps(cluster: Cluster, events: str) -> None:
     """With ``eager_steps``, a run's steps ride on one message, and Flower never receives the others; the
-    pool process sends their task events itself (worker started with ``-E``), so Flower lists them all."""
-    _start_worker_with_events(cluster, BATON_TEST_EAGER_STEPS="8")
+    pool process sends their task events itself, so Flower lists them all: with the worker started with
+    ``-E``, or without it once Flower has turned task events on (``enable_events``, which only the
+    worker's main process receives: Baton mirrors it to the pool processes)."""
+    _start_worker_with_events(cluster, events=events == "-E", BATON_TEST_EAGER_STEPS="8")
     c, worker_name = _flower_watching(cluster)
+    if events == "enable_events":
+        wait_for(lambda: "baton: task events on" in cluster.logs(), 30,
+                 "the pool processes to follow Flower's enable_events")
     run = cluster.ns.sequence.start(4, workflow_id="eager-seq")
     assert run.result(timeout=60) == 4
     ids = {f"eager-seq:{step}:0:1" for step in range(1, 5)}
