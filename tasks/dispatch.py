@@ -145,6 +145,17 @@ def can_list_queues(runtime: Runtime) -> bool:
     return str(runtime.app.conf.broker_url or "").startswith(("redis", "rediss", "redis+socket"))
 
 
+def waiting(runtime: Runtime, queue: str | None) -> int:
+    """How many messages wait in ``queue`` (Redis; 0 if it cannot be read)."""
+    if not queue or not can_list_queues(runtime):
+        return 0
+    try:
+        with runtime.app.pool.acquire(block=True) as conn:
+            return int(conn.default_channel.client.llen(queue))
+    except Exception:  # then a kept share is published: what no eager steps would do anyway
+        return 0
+
+
 def queued_task_ids(runtime: Runtime, rows: list[Any], unacked: bool = False) -> set[str]:
     """Ids of these attempts still waiting in the broker's queues (Redis only; else none).
 

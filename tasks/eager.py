@@ -13,8 +13,9 @@ the catch-up a process pays when the step lands where the run's generator is not
 At most ``N`` steps ride on one delivered message (the *carrier*), and none is started after
 ``EAGER_SECONDS`` under it, so one run cannot keep a process from the queue. Of a fan-out, the
 process keeps its share among its worker's pool processes and publishes the rest at once; if a
-kept task runs past ``RELEASE_AFTER``, a thread publishes the kept ones behind it (eager steps
-pay off only for short tasks, and a long one must not serialise its siblings).
+kept task runs past ``RELEASE_AFTER``, a thread publishes the kept ones behind it, and so does
+the process itself when it finds the queue dry between two of them (eager steps pay off only
+for short tasks, and a longer one must not serialise its siblings while other processes idle).
 The carrier stays unacknowledged until the chain ends (``acks_late``); a redelivery of it is
 a duplicate result, dropped. An eager attempt has no message of its own, so recovery is:
 
@@ -57,6 +58,7 @@ log = logging.getLogger("baton.eager")
 
 EAGER_SECONDS = 1.0  # no eager step starts later than this after its carrier's own ended
 RELEASE_AFTER = 0.05  # a fan-out's kept activities go out as messages if the one ahead runs longer
+LOOK_EVERY = 0.01  # between a share's steps, this often: is the queue dry (other processes idle)?
 HEADER_CARRIER = "baton_carrier"  # in an eager task's request: the id of the message it rode on
 _DELAYS = ("countdown", "eta", "expires")
 _ROUTING = ("queue", "exchange", "routing_key")
@@ -70,6 +72,7 @@ class _Chain(threading.local):
     current: str | None = None  # the eager attempt running now
     steps = 0
     t0 = 0.0
+    looked = 0.0  # when a kept share last looked at its queue (inf: a single step, never)
     carrier: Any = None  # the delivered task's request
     queue: str | None = None  # the queue it came from
 
@@ -117,7 +120,22 @@ def drive(runtime: Runtime, task: Any, run_id: str, record: Callable[[], None]) 
 
 def _next(runtime: Runtime) -> dict[str, Any] | None:
     """The next kept activity to start, if it may still start; while more wait behind it, the
-    release thread sends those as messages should this one run long (see :class:`_Release`)."""
+    release thread sends those as messages should this one run long (see :class:`_Release`).
+
+    A share is kept because the other processes have the fan-out's messages to run meanwhile;
+    once its queue runs dry they are idle (or busy elsewhere), and the rest of the share goes
+    out as messages, so it is not left to this one process (looked at every ``LOOK_EVERY``)."""
+    now = time.monotonic()
+    if chain.pending and now - chain.looked >= LOOK_EVERY:
+        from .dispatch import waiting
+
+        chain.looked = now
+        if not waiting(runtime, chain.queue):
+            with _lock:
+                taken = chain.pending[:]
+                chain.pending.clear()
+            if taken:
+                _publish(runtime, taken)
     with _lock:
         if not chain.pending or time.monotonic() - chain.t0 > EAGER_SECONDS:
             return None
@@ -185,6 +203,7 @@ def keep(runtime: Runtime, messages: list[dict[str, Any]]) -> list[dict[str, Any
     kept.reverse()
     with _lock:
         chain.pending = kept
+    chain.looked = time.monotonic() if len(messages) > 1 else float("inf")
     ids = {msg["id"] for msg in kept}
     return [msg for msg in messages if msg["id"] not in ids]
 

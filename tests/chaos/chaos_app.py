@@ -3,7 +3,8 @@
 URLs and Baton's recovery knobs come from the environment, so each test tunes its workers:
 ``BATON_TEST_DEAD_AFTER``, ``BATON_TEST_LOST_AFTER``, ``BATON_TEST_SWEEP_INTERVAL``,
 ``BATON_TEST_CLAIM_AFTER`` (seconds),
-``BATON_TEST_EAGER_STEPS`` (Baton's ``eager_steps``),
+``BATON_TEST_EAGER_STEPS`` (Baton's ``eager_steps``), ``BATON_TEST_RELEASE_AFTER`` (seconds: how
+long a kept eager step runs before the ones behind it are published, ``tasks.eager.RELEASE_AFTER``),
 ``BATON_TEST_OMIT`` (comma-separated workflow names this worker does not have).
 """
 
@@ -25,6 +26,11 @@ def knobs() -> dict[str, float]:
         out["eager_steps"] = int(os.environ["BATON_TEST_EAGER_STEPS"])
     return out
 
+
+if os.environ.get("BATON_TEST_RELEASE_AFTER"):
+    from tasks import eager
+
+    eager.RELEASE_AFTER = float(os.environ["BATON_TEST_RELEASE_AFTER"])
 
 ns = build(os.environ["BATON_TEST_BROKER"], os.environ["BATON_DATABASE_URL"],
            queue=os.environ.get("BATON_TEST_QUEUE", "celery"),

@@ -201,9 +201,12 @@ def build(broker_url: str, database_url: str, queue: str = "celery", counter_url
         return out
 
     @workflow
-    def spread(n: int, slow_at: int = -1, seconds: float = 0.0, key: str = ""):  # type: ignore[no-untyped-def]
-        """One fan-out of ``n`` ``whence``, one of them slow (and counted), then one more step."""
-        got = yield [whence.s(seconds, key) if i == slow_at else whence.s() for i in range(n)]
+    def spread(n: int, slow_at: int = -1, seconds: float = 0.0, key: str = "",  # type: ignore[no-untyped-def]
+               each: float = 0.0, each_from: int = 0):
+        """One fan-out of ``n`` ``whence``: one slow (and counted), those from ``each_from`` on
+        ``each`` s long; then one more step."""
+        got = yield [whence.s(seconds, key) if i == slow_at else whence.s(each if i >= each_from else 0.0)
+                     for i in range(n)]
         after = yield whence.s()
         return [*got, after]
 

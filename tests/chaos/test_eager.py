@@ -266,10 +266,11 @@ def test_pool_process_churn_with_eager_steps(eager: ChaosCluster) -> None:
 def test_a_fan_out_keeps_this_process_share_and_publishes_the_rest(eager: ChaosCluster, budget: str,
                                                                    kept: int) -> None:
     """Of an 8-way fan-out, a process of a two-process worker keeps its share (4) within the step
-    budget, the last ones, and runs them itself; the rest go out as messages at once."""
+    budget, the last ones, and runs them itself; the rest go out as messages at once. (The first
+    step is slow, so the other process is busy and the queue never runs dry meanwhile.)"""
     chaos = eager
     chaos.start_worker(concurrency=2, BATON_TEST_EAGER_STEPS=budget)
-    run = chaos.ns.spread.start(8)
+    run = chaos.ns.spread.start(8, slow_at=0, seconds=1.0)
     got = result(chaos, run, 60)
     carriers = [g[1] for g in got[:8]]
     assert carriers[:8 - kept] == [None] * (8 - kept), f"the first {8 - kept} should be messages: {carriers}"
@@ -291,6 +292,21 @@ def test_a_long_kept_step_sends_the_rest_of_its_share_as_messages(eager: ChaosCl
     assert behind[1] is None and behind[2] != slow[2], f"the step behind it should have become a message: {got}"
     assert behind[3] - slow[3] < 1.0, f"it started {behind[3] - slow[3]:.2f}s after the slow one, not meanwhile"
     assert "sent 1 kept attempt(s) as messages" in chaos.logs()
+    verify_runs(chaos.baton, [(run, got)])
+
+
+def test_a_kept_share_goes_out_as_messages_once_its_queue_runs_dry(eager: ChaosCluster) -> None:
+    """Two workers of two processes: a process keeps 4 of an 8-way fan-out (its worker's share), the
+    four 0.3 s steps, while three others take the four quick ones published; once the queue is
+    dry, the rest of the share goes out as messages instead of waiting to run one after another in
+    one process. (The release after a long step is put off to 30 s here, to see this alone.)"""
+    chaos = eager
+    chaos.start_workers(2, concurrency=2, BATON_TEST_EAGER_STEPS="100", BATON_TEST_RELEASE_AFTER="30")
+    run = chaos.ns.spread.start(8, each=0.3, each_from=4)
+    got = result(chaos, run, 60)
+    share = [g[1] for g in got[4:8]]
+    assert share[0] is not None, f"the share's first step should ride: {got}"
+    assert None in share, f"the rest of the share should have gone out once the queue ran dry: {share}"
     verify_runs(chaos.baton, [(run, got)])
 
 
