@@ -132,8 +132,7 @@ def _next(runtime: Runtime) -> dict[str, Any] | None:
         chain.looked = now
         if not waiting(runtime, chain.queue):
             with _lock:
-                taken = chain.pending[:]
-                chain.pending.clear()
+                taken = _drain(chain.pending)
             if taken:
                 _publish(runtime, taken)
     with _lock:
@@ -143,6 +142,13 @@ def _next(runtime: Runtime) -> dict[str, Any] | None:
         if chain.pending:
             _release.arm(runtime, chain.pending)
         return msg
+
+
+def _drain(pending: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Take every kept activity not started (``_lock`` held): they are to be published."""
+    taken = pending[:]
+    pending.clear()
+    return taken
 
 
 def _rescue(runtime: Runtime, run_id: str, carrier_id: str) -> None:
@@ -357,8 +363,7 @@ class _Release:
                     self.cond.wait(wait)
                     continue
                 self.job = None
-                taken = pending[:]
-                pending.clear()  # the chain's own list: its next look finds nothing left to start
+                taken = _drain(pending)  # the chain's own list: its next look finds nothing left to start
             if taken:
                 log.info("baton: an eager step ran past %.2f s; sent %d kept attempt(s) as messages",
                          RELEASE_AFTER, len(taken))
