@@ -334,40 +334,44 @@ def _publish(runtime: Runtime, messages: list[dict[str, Any]]) -> None:
 class _Release:
     """Sends a fan-out's kept activities as messages when the one running ahead of them takes
     longer than ``RELEASE_AFTER``: eager steps are for short tasks, and a long one must not hold
-    its siblings back from the processes that are free (one thread per process, started lazily)."""
+    its siblings back from the processes that are free. One thread per process, started lazily,
+    watching each chain (one per pool thread: a ``threads`` pool runs several at once)."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition(_lock)
-        self.job: tuple[float, Runtime, list[dict[str, Any]]] | None = None
+        self.jobs: dict[int, tuple[float, Runtime, list[dict[str, Any]]]] = {}  # thread -> watch
         self.pid = -1
 
     def arm(self, runtime: Runtime, pending: list[dict[str, Any]]) -> None:
-        """Watch ``pending`` from now (called with ``_lock`` held)."""
+        """Watch this thread's ``pending`` from now (called with ``_lock`` held)."""
         if self.pid != os.getpid():  # first use in this (forked) process
-            self.pid, self.job = os.getpid(), None
+            self.pid = os.getpid()
+            self.jobs.clear()
             threading.Thread(target=self.loop, name="baton-eager-release", daemon=True).start()
-        self.job = (time.monotonic() + RELEASE_AFTER, runtime, pending)
+        self.jobs[threading.get_ident()] = (time.monotonic() + RELEASE_AFTER, runtime, pending)
         self.cond.notify()
 
     def disarm(self) -> None:
         with _lock:
-            self.job = None
+            self.jobs.pop(threading.get_ident(), None)
 
     def loop(self) -> None:
         while True:
             with self.cond:
-                while self.job is None:
+                while not self.jobs:
                     self.cond.wait()
-                due, runtime, pending = self.job
-                if (wait := due - time.monotonic()) > 0:
-                    self.cond.wait(wait)
+                now = time.monotonic()
+                due = [k for k, job in self.jobs.items() if job[0] <= now]
+                if not due:
+                    self.cond.wait(min(job[0] for job in self.jobs.values()) - now)
                     continue
-                self.job = None
-                taken = _drain(pending)  # the chain's own list: its next look finds nothing left to start
-            if taken:
-                log.info("baton: an eager step ran past %.2f s; sent %d kept attempt(s) as messages",
-                         RELEASE_AFTER, len(taken))
-                _publish(runtime, taken)
+                # the chains' own lists: their next look finds nothing left to start
+                taken = [(job[1], _drain(job[2])) for job in (self.jobs.pop(k) for k in due)]
+            for runtime, msgs in taken:
+                if msgs:
+                    log.info("baton: an eager step ran past %.2f s; sent %d kept attempt(s) as messages",
+                             RELEASE_AFTER, len(msgs))
+                    _publish(runtime, msgs)
 
 
 _release = _Release()

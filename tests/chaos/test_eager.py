@@ -295,6 +295,21 @@ def test_a_long_kept_step_sends_the_rest_of_its_share_as_messages(eager: ChaosCl
     verify_runs(chaos.baton, [(run, got)])
 
 
+def test_each_chain_of_a_threads_pool_has_its_long_step_watched(eager: ChaosCluster) -> None:
+    """A ``threads`` pool runs several eager chains in one process at once: two runs' kept shares,
+    each behind a slow step, are both sent on as messages and run meanwhile."""
+    chaos = eager
+    chaos.start_worker(concurrency=4, pool="threads", BATON_TEST_EAGER_STEPS="100")
+    runs = [chaos.ns.spread.start(8, slow_at=6, seconds=2.0) for _ in range(2)]
+    for run in runs:
+        got = result(chaos, run, 60)
+        slow, behind = got[6], got[7]
+        assert slow[1] is not None, f"the slow step should have been kept: {got}"
+        assert behind[1] is None, f"the step behind it should have become a message: {got}"
+        assert behind[3] - slow[3] < 1.0, f"it started {behind[3] - slow[3]:.2f}s after the slow one, not meanwhile"
+    verify_runs(chaos.baton, [(run, run.result(timeout=1)) for run in runs])
+
+
 def test_a_kept_share_goes_out_as_messages_once_its_queue_runs_dry(eager: ChaosCluster) -> None:
     """Two workers of two processes: a process keeps 4 of an 8-way fan-out (its worker's share), the
     four 0.3 s steps, while three others take the four quick ones published; once the queue is
