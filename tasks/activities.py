@@ -182,12 +182,12 @@ class Claimer:
 def on_prerun(runtime: Runtime, task_id: str, task: Any, headers: dict[str, Any]) -> None:
     me = worker_id(str(task.request.hostname or "unknown"))
     timeout = headers.get(HEADER_TIMEOUT)
+    is_eager = eager.running()
     if not timeout and runtime.baton.claim_after > 0:
-        runtime.claimer.started(task_id, me, eager.running())
+        runtime.claimer.started(task_id, me, is_eager)
         return
     store = runtime.store
     now = utcnow()
-    is_eager = eager.running()
     try:
         with store.tx() as conn:
             if rt.mark_started(conn, task_id, me, now, renewed=now if is_eager else None) and timeout:

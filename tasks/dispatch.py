@@ -40,8 +40,8 @@ def publish(runtime: Runtime, messages: list[dict[str, Any]], may_keep: bool = T
 
     Several at once (a fan-out) go through kombu's producer batch, in chunks: on Redis one
     pipeline of LPUSHes per chunk instead of a client and a round trip per message. With eager
-    steps, a decision's one next activity may be kept to run in this process instead
-    (``tasks.eager``); never a re-send (``may_keep=False``).
+    steps, a decision's next activity, or this process's share of a fan-out, may be kept to
+    run here instead (``tasks.eager.keep``); never a re-send (``may_keep=False``).
     """
     if not messages:
         return

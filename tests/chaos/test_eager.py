@@ -280,6 +280,14 @@ def test_a_fan_out_keeps_this_process_share_and_publishes_the_rest(eager: ChaosC
     verify_runs(chaos.baton, [(run, got)])
 
 
+def released_meanwhile(got: list[Any], slow_at: int) -> None:
+    """The slow step at ``slow_at`` was kept, and the kept step behind it ran as a message while it ran."""
+    slow, behind = got[slow_at], got[slow_at + 1]
+    assert slow[1] is not None, f"the slow step should have been kept: {got}"
+    assert behind[1] is None, f"the step behind it should have become a message: {got}"
+    assert behind[3] - slow[3] < 1.0, f"it started {behind[3] - slow[3]:.2f}s after the slow one, not meanwhile"
+
+
 def test_a_long_kept_step_sends_the_rest_of_its_share_as_messages(eager: ChaosCluster) -> None:
     """Eager steps are for short tasks: when a kept step runs long, the kept steps behind it go out
     as messages (after ``RELEASE_AFTER``) and the other process runs them meanwhile."""
@@ -287,10 +295,8 @@ def test_a_long_kept_step_sends_the_rest_of_its_share_as_messages(eager: ChaosCl
     chaos.start_worker(concurrency=2, BATON_TEST_EAGER_STEPS="100")
     run = chaos.ns.spread.start(4, slow_at=2, seconds=2.0)  # the share: steps 3 (slow) and 4
     got = result(chaos, run, 60)
-    slow, behind = got[2], got[3]
-    assert slow[1] is not None, f"the slow step should have been kept: {got}"
-    assert behind[1] is None and behind[2] != slow[2], f"the step behind it should have become a message: {got}"
-    assert behind[3] - slow[3] < 1.0, f"it started {behind[3] - slow[3]:.2f}s after the slow one, not meanwhile"
+    released_meanwhile(got, 2)
+    assert got[3][2] != got[2][2], f"the other process should have run it: {got}"
     assert "sent 1 kept attempt(s) as messages" in chaos.logs()
     verify_runs(chaos.baton, [(run, got)])
 
@@ -302,11 +308,7 @@ def test_each_chain_of_a_threads_pool_has_its_long_step_watched(eager: ChaosClus
     chaos.start_worker(concurrency=4, pool="threads", BATON_TEST_EAGER_STEPS="100")
     runs = [chaos.ns.spread.start(8, slow_at=6, seconds=2.0) for _ in range(2)]
     for run in runs:
-        got = result(chaos, run, 60)
-        slow, behind = got[6], got[7]
-        assert slow[1] is not None, f"the slow step should have been kept: {got}"
-        assert behind[1] is None, f"the step behind it should have become a message: {got}"
-        assert behind[3] - slow[3] < 1.0, f"it started {behind[3] - slow[3]:.2f}s after the slow one, not meanwhile"
+        released_meanwhile(result(chaos, run, 60), 6)
     verify_runs(chaos.baton, [(run, run.result(timeout=1)) for run in runs])
 
 
